@@ -1,0 +1,97 @@
+"""Command line: argv -> JobConfig -> process group -> ParallelGroups -> model -> Trainer.
+
+The only reader of argv and of the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+    moefold train --config tiny-moe [--set moe.topk=1 ...] [--out DIR] [--nproc N]
+    torchrun --standalone --nproc-per-node 4 -m moefold train --config tiny-moe --set parallel.ep=4
+    moefold generate --checkpoint DIR [--prompt TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moefold.config import ConfigError, check_job, load_job
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny-moe", help="preset name or TOML path")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moefold", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model")
+    _add_job_arguments(train)
+    train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    train.add_argument("--nproc", type=int, default=1, help="launch N local ranks (torchrun)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gen = sub.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or run folder")
+    gen.add_argument("--prompt", default="The")
+    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=40)
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args, argv if argv is not None else sys.argv[1:])
+        if args.command == "generate":
+            from moefold.generate import generate_from_checkpoint
+
+            print(generate_from_checkpoint(args))
+            return 0
+    except ConfigError as error:
+        print(f"moefold: config error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    world_size = _launched_world_size() if "RANK" in os.environ else args.nproc
+    job = load_job(args.config, args.overrides)
+    check_job(job, world_size)  # every config error surfaces before a process group starts
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc, argv)
+    out_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    from moefold.train.launch import run_training
+
+    run_training(job, out_dir, device_name=args.device)
+    return 0
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """`--nproc N` convenience: the same command under torchrun on this machine."""
+    rest, skip = [], False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "moefold", *rest]
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Token dispatchers: local reference, all-to-all and all-gather."""

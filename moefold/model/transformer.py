@@ -1,0 +1,173 @@
+"""Decoder-only transformer with single-device semantics; MoE layers plug in as the MLP.
+
+Shape legend: B batch, S sequence (local), D model dim, F FFN hidden, H query heads,
+G key/value heads, Dh head dim, V vocabulary.
+
+Parallelism is applied afterwards by `moefold.parallel.apply_*`, which shard weights and set the
+`region` objects below. At world size 1 every region is the identity, so this file is the whole
+single-device model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moefold.config import ModelConfig, MoEConfig
+from moefold.model.moe import MoELayer
+
+
+class IdentityRegion:
+    """Enter/exit of a tensor-parallel region; parallel code swaps in communicating versions.
+
+    `enter` turns the block input (sequence-sharded under sequence parallelism) into what the
+    column-parallel projections need; `exit` reduces row-parallel partial sums back.
+    """
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rotary_tables(
+    positions_S: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, Dh] for the given (global) positions, HF "rotate_half" convention."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_S.device) / head_dim
+    )
+    angles = positions_S.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    half = x_BHSDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
+    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
+
+
+def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh) -> torch.Tensor:
+    """Exact causal attention with grouped KV heads (torch SDPA)."""
+    return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.resolved_head_dim
+        self.num_heads = cfg.heads  # local heads; tensor parallelism divides them
+        self.num_kv_heads = cfg.kv_heads
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.region = IdentityRegion()
+        # Context parallelism replaces this with an exact cross-rank attention.
+        self.attention_fn = causal_attention
+
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.region.enter(x_BSD)
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_tables(positions_S, self.head_dim, self.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attention_fn(q, k, v).transpose(1, 2).reshape(B, S, -1)
+        return self.region.exit(self.o_proj(out))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, ffn_hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden, hidden, bias=False)
+        self.region = IdentityRegion()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.region.enter(x)
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.region.exit(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the MLP is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        if moe.is_moe_layer(layer_index):
+            self.mlp: nn.Module = MoELayer(cfg.hidden, moe)
+        else:
+            self.mlp = DenseMLP(cfg.hidden, cfg.ffn_hidden)
+
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S)
+        return x_BSD + self.mlp(self.mlp_norm(x_BSD))
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks -> norm -> LM head.
+
+    Blocks live in a ModuleDict keyed "0".."L-1" so parameter names survive pipeline splits;
+    a pipeline stage deletes what it does not own (embedding, blocks, norm/head become None).
+    """
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.layers)})
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def forward(
+        self, tokens_BS: torch.Tensor, positions_S: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [B, S] (ids, or hidden [B, S, D] on a non-first pipeline stage) -> logits
+        [B, S, V] (or hidden on a non-last stage). `positions_S` are the global positions of the
+        local tokens (context parallelism passes its chunks' positions); default 0..S-1."""
+        x = self.embed(tokens_BS) if self.embed is not None else tokens_BS
+        if positions_S is None:
+            positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
+        for block in self.layers.values():
+            x = block(x, positions_S)
+        if self.norm is None:
+            return x
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)

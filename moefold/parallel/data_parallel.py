@@ -1,0 +1,83 @@
+"""Gradient reduction over the right group for each parameter family, and the global grad norm.
+
+Families (every parameter belongs to exactly one; `parameter_family` decides):
+- "expert":     routed-expert weights; distinct over ep x etp, replicas over edp
+                -> gradients summed over edp.
+- "tensor":     weights sharded by tensor parallelism; each tp rank already saw every token of
+                its tp group (sequence-parallel all-gather), replicas over dp x cp
+                -> gradients summed over dp x cp.
+- "replicated": everything else (norms, embedding, LM head, router, shared-expert gate): each
+                tp/cp rank saw only its own token slice -> gradients summed over dp x cp x tp.
+The trainer scales each rank's loss so that these sums equal the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moefold.model.experts import GroupedExperts
+from moefold.parallel.mesh import ParallelGroups
+
+FAMILY_ATTR = "moefold_family"
+REDUCE_GROUP = {"expert": "edp", "tensor": "dp_cp", "replicated": "dp_cp_tp"}
+# Group over which a family's gradient shards are distinct (summed once in the norm).
+DISTINCT_GROUP = {"expert": "ep_etp", "tensor": "tp", "replicated": None}
+
+
+def mark_family(param: nn.Parameter, family: str) -> None:
+    assert family in REDUCE_GROUP, family
+    setattr(param, FAMILY_ATTR, family)
+
+
+def parameter_family(param: nn.Parameter) -> str:
+    return getattr(param, FAMILY_ATTR, "replicated")
+
+
+def mark_expert_parameters(model: nn.Module) -> None:
+    """Expert weights are recognised by their module, at any expert-parallel size."""
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            for param in module.parameters():
+                mark_family(param, "expert")
+
+
+def _params_by_family(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    by_family: dict[str, list[nn.Parameter]] = {family: [] for family in REDUCE_GROUP}
+    for param in model.parameters():
+        if param.grad is not None:
+            by_family[parameter_family(param)].append(param)
+    return by_family
+
+
+@torch.no_grad()
+def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
+    """Sum gradients over each family's group, one flat buffer per family (bucketed)."""
+    for family, params in _params_by_family(model).items():
+        group_name = REDUCE_GROUP[family]
+        if not params or groups.size(group_name) == 1:
+            continue
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        groups.comm_stats.add_all_reduce(group_name.split("_")[0], flat, groups.size(group_name))
+        dist.all_reduce(flat, group=groups.group(group_name))
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+
+def grad_sum_of_squares(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
+    """Sum of squares of the full (single-process) gradient, counting each shard once."""
+    total = torch.zeros((), dtype=torch.float32)
+    for family, params in _params_by_family(model).items():
+        local = torch.zeros((), dtype=torch.float32)
+        for param in params:
+            local += param.grad.detach().float().pow(2).sum().cpu()
+        distinct = DISTINCT_GROUP[family]
+        if distinct is not None and groups.size(distinct) > 1:
+            dist.all_reduce(local, group=groups.group(distinct))
+        total += local
+    if groups.size("pp") > 1:
+        dist.all_reduce(total, group=groups.group("pp"))
+    return total

@@ -1,0 +1,1 @@
+"""Training: optimizer, metrics, checkpoints and the trainer loop."""

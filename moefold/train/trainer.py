@@ -1,0 +1,269 @@
+"""Trainer: one optimizer step reads top to bottom; it makes no layout decisions.
+
+The loss contract: the objective is the mean over the global batch's M micro-batches of
+(token-mean LM loss + router losses). Each rank back-propagates its local token-mean loss
+times `loss_scale = 1 / (M * tp * cp)` (its tokens are 1/(tp*cp) of a micro-batch), the router
+injects its loss share with scale 1/M, and `reduce_gradients` sums over the families' groups:
+the result equals the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moefold.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from moefold.config import JobConfig, job_to_toml
+from moefold.data import BatchLoader
+from moefold.model.size import flops_per_token
+from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
+from moefold.parallel.mesh import ParallelGroups
+from moefold.train.metrics import MetricsWriter, print0
+from moefold.train.optim import build_optimizer, lr_at, set_lr
+from moefold.train.peak import device_peak_flops
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Trains a (possibly parallelised) model; `groups` carries every process group."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        model: nn.Module,
+        groups: ParallelGroups,
+        train_data: Any,
+        val_data: Any,
+        out_dir: Path,
+        device: torch.device,
+    ) -> None:
+        self.job, self.model, self.groups = job, model, groups
+        self.device, self.out_dir = device, out_dir
+        train = job.train
+        self.num_microbatches = train.global_batch // train.micro_batch  # M, global
+        dp_size, dp_rank = groups.size("dp"), groups.coord("dp")
+        self.loader = BatchLoader(train_data, train.global_batch, train.micro_batch, train.seed,
+                                  dp_rank=dp_rank, dp_size=dp_size)
+        self.val_data = val_data
+        self.optimizer = build_optimizer(model, train)
+        self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
+        for layer in model.moe_layers():
+            layer.router.aux_grad_scale = 1.0 / self.num_microbatches
+        self.step = 0
+        self.tokens_per_step = train.global_batch * train.seq_len
+        self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
+        dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
+        self.peak = device_peak_flops(device, dtype, job.data.cache_dir or None)
+        self.checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.job.train.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def shard_batch(self, batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, labels, positions) of this rank's slice of one micro-batch.
+
+        Hook point for context/sequence parallelism; at tp = cp = 1 the whole micro-batch.
+        """
+        batch_BS1 = batch_BS1.to(self.device)
+        inputs, labels = batch_BS1[:, :-1], batch_BS1[:, 1:]
+        return inputs, labels, torch.arange(inputs.shape[1], device=self.device)
+
+    def forward_loss(self, batch_BS1: torch.Tensor) -> torch.Tensor:
+        inputs, labels, positions = self.shard_batch(batch_BS1)
+        with self.autocast():
+            logits = self.model(inputs, positions)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def train_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        model, train = self.model, self.job.train
+        model.train()
+        for layer in model.moe_layers():
+            layer.router.reset_step_statistics()
+            layer.stats = type(layer.stats)()
+        set_lr(self.optimizer, lr_at(self.step, train))
+        loss_sum = torch.zeros((), device=self.device)
+        micro_batches = self.loader.next_batch()
+        for batch in micro_batches:
+            loss = self.forward_loss(batch)
+            (loss * self.loss_scale).backward()
+            loss_sum += loss.detach()
+        reduce_gradients(model, self.groups)
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update_expert_bias()
+        self.step += 1
+        row = self.step_metrics(loss_sum / len(micro_batches), grad_norm, started)
+        return row
+
+    def clip_gradients(self) -> torch.Tensor:
+        grad_norm = grad_sum_of_squares(self.model, self.groups).sqrt()
+        clip = self.job.train.grad_clip
+        if clip > 0:
+            scale = float(torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
+            if scale < 1.0:
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, scale)
+        return grad_norm
+
+    def update_expert_bias(self) -> None:
+        for layer in self.model.moe_layers():
+            counts = layer.router.step_tokens_per_expert.clone()
+            self.all_reduce(counts, "dp_cp_tp")
+            layer.router.update_expert_bias(counts)
+
+    def all_reduce(self, tensor: torch.Tensor, family: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.groups.size(family) > 1:
+            dist.all_reduce(tensor, op=op, group=self.groups.group(family))
+        return tensor
+
+    # ---- metrics --------------------------------------------------------------------------
+
+    def step_metrics(self, local_loss: torch.Tensor, grad_norm: torch.Tensor, started: float):
+        stage_ranks = self.groups.size("dp_cp_tp")
+        values = torch.stack([local_loss.float().cpu(), *self._router_scalars()])
+        self.all_reduce(values, "dp_cp_tp")
+        loss = float(values[0]) / stage_ranks
+        elapsed = time.perf_counter() - started
+        tokens_per_s = self.tokens_per_step / elapsed
+        row: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "aux_loss": float(values[1]) / self.groups.size("dp") / self.num_microbatches_local,
+            "z_loss": float(values[2]) / self.groups.size("dp") / self.num_microbatches_local,
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_step / elapsed / (self.peak.flops_per_s * self.groups.world_size),
+            "step_time_s": elapsed,
+        }
+        row.update(self.expert_load_metrics())
+        row["comm_bytes"] = self.groups.comm_stats.as_dict()
+        self.groups.comm_stats.reset()
+        return row
+
+    @property
+    def num_microbatches_local(self) -> int:
+        return self.num_microbatches // self.groups.size("dp")
+
+    def _router_scalars(self) -> list[torch.Tensor]:
+        aux = torch.zeros(())
+        z = torch.zeros(())
+        for layer in self.model.moe_layers():
+            aux = aux + layer.router.step_aux_loss.detach().float().cpu()
+            z = z + layer.router.step_z_loss.detach().float().cpu()
+        return [aux, z]
+
+    def expert_load_metrics(self) -> dict[str, Any]:
+        """Per MoE layer: tokens routed to each expert over the global batch, dropped fraction."""
+        load: dict[str, list[int]] = {}
+        dropped: dict[str, float] = {}
+        for name, module in self.model.named_modules():
+            if not hasattr(module, "router") or not hasattr(module, "stats"):
+                continue
+            counts = self.all_reduce(module.router.step_tokens_per_expert.clone().cpu(), "dp_cp_tp")
+            drop = torch.tensor([float(module.stats.dropped), float(module.stats.routed)])
+            self.all_reduce(drop, "dp_cp_tp")
+            layer = name.split(".")[1] if name.startswith("layers.") else name
+            load[layer] = [int(c) for c in counts.tolist()]
+            dropped[layer] = float(drop[0] / max(drop[1], 1.0))
+        return {"expert_load": load, "dropped_frac": dropped} if load else {}
+
+    # ---- evaluation, checkpoints, loop ----------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        batches = self.val_data.eval_batches(self.job.train.micro_batch, self.job.train.eval_batches)
+        total = torch.zeros(())
+        for batch in batches:
+            total += self.forward_loss(batch).float().cpu()
+        self.model.train()
+        total = self.all_reduce(total, "dp_cp_tp") / self.groups.size("dp_cp_tp")
+        return float(total) / max(len(batches), 1)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "loader": self.loader.state_dict()}
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.checkpoint_root, self.step, self.model, self.optimizer, self.trainer_state(),
+            job_to_toml(self.job), self.job.checkpoint.keep, self.groups.is_logging_rank,
+            self.groups.barrier,
+        )
+
+    def maybe_resume(self) -> Path | None:
+        path = find_resume_checkpoint(self.checkpoint_root, self.job.checkpoint.resume)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        return path
+
+    def train(self) -> list[dict[str, Any]]:
+        job, log = self.job, self.groups.is_logging_rank
+        resumed = self.maybe_resume()
+        print0(log, f"moefold: {job.train.steps} steps, resumed from {resumed}" if resumed
+               else f"moefold: {job.train.steps} steps from scratch")
+        writer = MetricsWriter(self.out_dir, log, resume_step=self.step)
+        rows = []
+        progress = _progress_bar(log, job.train.steps, self.step)
+        while self.step < job.train.steps:
+            row = self.train_step()
+            if job.train.eval_every and self.step % job.train.eval_every == 0:
+                row["val_loss"] = self.evaluate()
+            if self.step == job.train.steps and "val_loss" not in row:
+                row["val_loss"] = self.evaluate()
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"step {self.step}: loss is {row['loss']}")
+            writer.write(row)
+            rows.append(row)
+            progress.update(row)
+            every = job.checkpoint.every
+            if (every and self.step % every == 0) or (
+                self.step == job.train.steps and job.checkpoint.save_final
+            ):
+                self.save()
+        progress.close()
+        writer.close()
+        return rows
+
+
+class _progress_bar:
+    """tqdm bar with loss and tokens/s on the logging rank; silent elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if "val_loss" in row:
+            postfix["val"] = f"{row['val_loss']:.3f}"
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
