@@ -501,6 +501,11 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         f"{train.global_batch} is not divisible by micro_batch*dp={train.micro_batch}*{dp}; "
         "change global_batch or micro_batch",
     )
+    _require(
+        train.eval_batches % dp == 0,
+        "train.eval_batches",
+        f"{train.eval_batches} is not a multiple of dp={dp}; pick a multiple of dp",
+    )
     virtual_stages = par.pp * par.vpp
     _require(
         model.layers % virtual_stages == 0,

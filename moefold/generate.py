@@ -58,7 +58,7 @@ def generate_from_checkpoint(args: argparse.Namespace) -> str:
     if tokenizer is None:
         raise ConfigError(f"data.source={job.data.source} has no tokenizer to decode text")
     generator = torch.Generator().manual_seed(args.seed)
-    prompt = tokenizer.encode(args.prompt).ids
+    prompt = tokenizer.encode(args.prompt)
     ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator,
                  job.train.seq_len)
     return tokenizer.decode(ids)

@@ -61,7 +61,10 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
             continue
         grads = [p.grad for p in params]
         flat = _flatten_dense_tensors(grads)
-        groups.comm_stats.add_all_reduce(group_name.split("_")[0], flat, groups.size(group_name))
+        size = groups.size(group_name)
+        # ring all-reduce: each rank sends 2 (n - 1) / n of the buffer
+        nbytes = 2 * (size - 1) * flat.numel() * flat.element_size() // size
+        groups.comm_stats.add("edp" if family == "expert" else "dp", nbytes)
         dist.all_reduce(flat, group=groups.group(group_name))
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(reduced)

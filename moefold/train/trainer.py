@@ -23,7 +23,7 @@ from torch import nn
 
 from moefold.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from moefold.config import JobConfig, job_to_toml
-from moefold.data import BatchLoader
+from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
 from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
 from moefold.parallel.mesh import ParallelGroups
@@ -63,7 +63,8 @@ class Trainer:
         self.tokens_per_step = train.global_batch * train.seq_len
         self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
         dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
-        self.peak = device_peak_flops(device, dtype, job.data.cache_dir or None)
+        # Measured once per machine and cached; only the logging rank reports MFU.
+        self.peak = device_peak_flops(device, dtype) if groups.is_logging_rank else None
         self.checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
 
     # ---- the step -------------------------------------------------------------------------
@@ -149,13 +150,19 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_step / elapsed / (self.peak.flops_per_s * self.groups.world_size),
+            "mfu": self.mfu(elapsed),
             "step_time_s": elapsed,
         }
         row.update(self.expert_load_metrics())
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
         self.groups.comm_stats.reset()
         return row
+
+    def mfu(self, elapsed: float) -> float:
+        """Model FLOPs per second over the peak of all devices (moefold/model/size.py)."""
+        if self.peak is None:
+            return float("nan")
+        return self.flops_per_step / elapsed / (self.peak.flops_per_s * self.groups.world_size)
 
     @property
     def num_microbatches_local(self) -> int:
@@ -189,13 +196,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        batches = self.val_data.eval_batches(self.job.train.micro_batch, self.job.train.eval_batches)
+        train = self.job.train
+        batches = eval_batches(self.val_data, train.micro_batch, train.eval_batches,
+                               self.groups.coord("dp"), self.groups.size("dp"))
         total = torch.zeros(())
         for batch in batches:
             total += self.forward_loss(batch).float().cpu()
         self.model.train()
-        total = self.all_reduce(total, "dp_cp_tp") / self.groups.size("dp_cp_tp")
-        return float(total) / max(len(batches), 1)
+        total = self.all_reduce(total, "dp_cp_tp") / self.groups.size("tp_cp")
+        return float(total) / train.eval_batches
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict()}
