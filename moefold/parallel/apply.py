@@ -1,17 +1,22 @@
 """parallelize_model: apply every parallelism to a full single-device model, in one order.
 
-apply_tp -> apply_cp -> apply_ep -> split_for_pipeline -> parameter families for apply_dp.
-Each step is the identity when its degree is 1, so world size 1 runs the same path.
+apply_tp -> apply_cp -> apply_ep -> split_for_pipeline -> parameter families for data
+parallelism. Each step is the identity when its degree is 1, so world size 1 runs the same
+path.
 """
 
 from __future__ import annotations
 
 from moefold.config import JobConfig
 from moefold.model.transformer import Transformer
-from moefold.parallel.data_parallel import mark_expert_parameters
+from moefold.parallel.expert_parallel import apply_ep
 from moefold.parallel.mesh import ParallelGroups
+from moefold.parallel.router_stats import bind_router_stats
+from moefold.parallel.tensor_parallel import apply_tp
 
 
 def parallelize_model(model: Transformer, job: JobConfig, groups: ParallelGroups) -> Transformer:
-    mark_expert_parameters(model)
+    apply_tp(model, groups)
+    bind_router_stats(model, groups)
+    apply_ep(model, groups)
     return model

@@ -27,9 +27,21 @@ REDUCE_GROUP = {"expert": "edp", "tensor": "dp_cp", "replicated": "dp_cp_tp"}
 DISTINCT_GROUP = {"expert": "ep_etp", "tensor": "tp", "replicated": None}
 
 
-def mark_family(param: nn.Parameter, family: str) -> None:
+SHARDS_ATTR = "moefold_shards"
+
+
+def mark_family(
+    param: nn.Parameter, family: str, shards: tuple[tuple[str, int], ...] = ()
+) -> None:
+    """Record the family and how the full tensor was cut: ((group family, tensor dim), ...),
+    outermost cut first, e.g. (("ep", 0), ("etp", 2)) for an expert gate projection."""
     assert family in REDUCE_GROUP, family
     setattr(param, FAMILY_ATTR, family)
+    setattr(param, SHARDS_ATTR, tuple(shards))
+
+
+def parameter_shards(param: nn.Parameter) -> tuple[tuple[str, int], ...]:
+    return getattr(param, SHARDS_ATTR, ())
 
 
 def parameter_family(param: nn.Parameter) -> str:
@@ -40,8 +52,9 @@ def mark_expert_parameters(model: nn.Module) -> None:
     """Expert weights are recognised by their module, at any expert-parallel size."""
     for module in model.modules():
         if isinstance(module, GroupedExperts):
-            for param in module.parameters():
-                mark_family(param, "expert")
+            for name, param in module.named_parameters():
+                ffn_dim = 1 if name == "down_proj" else 2
+                mark_family(param, "expert", (("ep", 0), ("etp", ffn_dim)))
 
 
 def _params_by_family(model: nn.Module) -> dict[str, list[nn.Parameter]]:

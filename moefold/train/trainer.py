@@ -77,11 +77,17 @@ class Trainer:
     def shard_batch(self, batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, labels, positions) of this rank's slice of one micro-batch.
 
-        Hook point for context/sequence parallelism; at tp = cp = 1 the whole micro-batch.
+        Sequence parallelism gives tp rank r the r-th contiguous slice of the sequence; the
+        positions are those of the whole sequence that attention sees after its all-gather.
+        At tp = cp = 1 this is the whole micro-batch.
         """
         batch_BS1 = batch_BS1.to(self.device)
         inputs, labels = batch_BS1[:, :-1], batch_BS1[:, 1:]
-        return inputs, labels, torch.arange(inputs.shape[1], device=self.device)
+        positions = torch.arange(inputs.shape[1], device=self.device)
+        tp_size, tp_rank = self.groups.size("tp"), self.groups.coord("tp")
+        chunk = inputs.shape[1] // tp_size
+        local = slice(tp_rank * chunk, (tp_rank + 1) * chunk)
+        return inputs[:, local], labels[:, local], positions
 
     def forward_loss(self, batch_BS1: torch.Tensor) -> torch.Tensor:
         inputs, labels, positions = self.shard_batch(batch_BS1)
@@ -91,26 +97,38 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
-        model, train = self.model, self.job.train
-        model.train()
-        for layer in model.moe_layers():
+        local_loss = self.compute_gradients()
+        grad_norm = self.apply_gradients()
+        return self.step_metrics(local_loss, grad_norm, started)
+
+    def compute_gradients(self) -> torch.Tensor:
+        """Forward/backward over this rank's micro-batches, then the cross-rank gradient sums.
+
+        Afterwards every parameter's gradient equals the single-process gradient (its shard).
+        Returns this rank's mean micro-batch loss.
+        """
+        self.model.train()
+        for layer in self.model.moe_layers():
             layer.router.reset_step_statistics()
             layer.stats = type(layer.stats)()
-        set_lr(self.optimizer, lr_at(self.step, train))
         loss_sum = torch.zeros((), device=self.device)
         micro_batches = self.loader.next_batch()
         for batch in micro_batches:
             loss = self.forward_loss(batch)
             (loss * self.loss_scale).backward()
             loss_sum += loss.detach()
-        reduce_gradients(model, self.groups)
+        reduce_gradients(self.model, self.groups)
+        return loss_sum / len(micro_batches)
+
+    def apply_gradients(self) -> torch.Tensor:
+        """Clip, optimizer step at this step's learning rate, expert-bias update."""
+        set_lr(self.optimizer, lr_at(self.step, self.job.train))
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_expert_bias()
         self.step += 1
-        row = self.step_metrics(loss_sum / len(micro_batches), grad_norm, started)
-        return row
+        return grad_norm
 
     def clip_gradients(self) -> torch.Tensor:
         grad_norm = grad_sum_of_squares(self.model, self.groups).sqrt()

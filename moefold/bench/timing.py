@@ -1,0 +1,119 @@
+"""Benchmark plumbing shared by the `moefold.bench` scripts: timed steps, the run's environment,
+the measured matmul peak, and the result table as text or JSON.
+
+Nothing here knows about MoE; a benchmark hands in callables that run one step and gets back
+seconds per step. Progress goes to stderr so that stdout holds only the table (or the JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moefold.train.peak import cpu_model_name, measure_matmul_flops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def time_interleaved(
+    steps_by_name: dict[str, Callable[[], None]], steps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per step of every callable, timed round-robin.
+
+    Each callable first runs `warmup` untimed steps; then the timed steps alternate between the
+    callables, so a noisy neighbour that comes and goes on a shared machine slows all of them
+    alike instead of whichever happened to run at that moment.
+    """
+    for name, step in steps_by_name.items():
+        progress(f"warm-up {name} ({warmup} steps)")
+        for _ in range(warmup):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for index in range(steps):
+        progress(f"timed step {index + 1}/{steps}")
+        for name, step in steps_by_name.items():
+            tic = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - tic)
+    return seconds
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def measure_peak(dtype: torch.dtype, matmul_size: int, budget_s: float = 1.0) -> float:
+    """Best torch.matmul FLOP/s at the current thread count, measured now (never cached)."""
+    return measure_matmul_flops(dtype, matmul_size=matmul_size, budget_s=budget_s)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: torch build, thread count, CPU model, Python."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model_name(),
+        "python": platform.python_version(),
+    }
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: the row key, its header and a format spec for numbers."""
+
+    key: str
+    header: str
+    spec: str = ""
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A Markdown table (pastes into docs as is); text columns left-aligned, numbers right."""
+    cells = [[_cell(row.get(c.key), c.spec) for c in columns] for row in rows]
+    widths = [
+        max([len(c.header)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)
+    ]
+    numeric = [
+        all(isinstance(row.get(c.key), (int, float)) for row in rows) and bool(rows)
+        for c in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [
+            v.rjust(w) if is_number else v.ljust(w)
+            for v, w, is_number in zip(values, widths, numeric)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(
+        "-" * (w + 1) + ":" if is_number else "-" * (w + 2) for w, is_number in zip(widths, numeric)
+    ) + "|"
+    return "\n".join([line([c.header for c in columns]), rule] + [line(c) for c in cells])
+
+
+def format_header(items: dict[str, Any]) -> str:
+    """`# key: value` lines printed above a table."""
+    return "\n".join(f"# {key}: {value}" for key, value in items.items())
+
+
+def to_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Parallelism: rank layout, process groups, and the apply_* functions."""

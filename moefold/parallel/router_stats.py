@@ -1,0 +1,47 @@
+"""Router statistics across ranks: the parallel version of model.router.LocalStatsComm.
+
+- token_group_sum: sum over tp x cp, the ranks holding parts of the same micro-batch.
+- global_prefix: over dp, global micro-batch m = j * dp + dp_rank (the data loader's
+  interleaving), so at micro-step j the micro-batches of dp ranks 0..dp_rank come before ours;
+  returns (their counts plus ours, the whole micro-step's counts).
+No autograd: these are counts, never differentiated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moefold.model.router import TopKRouter
+from moefold.parallel.mesh import ParallelGroups
+
+
+class DistributedStatsComm:
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+
+    def token_group_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups.size("tp_cp") == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x, group=self.groups.group("tp_cp"))
+        return x
+
+    def global_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dp_size = self.groups.size("dp")
+        if dp_size == 1:
+            return x, x
+        flat = torch.empty(dp_size * x.numel(), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(flat, x.detach().contiguous().flatten(),
+                                    group=self.groups.group("dp"))
+        gathered = flat.view(dp_size, *x.shape)
+        dp_rank = self.groups.coord("dp")
+        return gathered[: dp_rank + 1].sum(0), gathered.sum(0)
+
+
+def bind_router_stats(model: nn.Module, groups: ParallelGroups) -> None:
+    comm = DistributedStatsComm(groups)
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.stats_comm = comm
