@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from moefold.config import ConfigError, check_job, load_job
+from moefold.parallel.layout import ParallelLayout
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def _launched_world_size() -> int:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     world_size = _launched_world_size() if "RANK" in os.environ else args.nproc
     job = load_job(args.config, args.overrides)
+    ParallelLayout.from_config(job.parallel, world_size)  # the most precise layout messages
     check_job(job, world_size)  # every config error surfaces before a process group starts
     if args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, argv)

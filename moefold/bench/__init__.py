@@ -1,1 +1,1 @@
-"""Micro-benchmarks run from the command line (`python -m moefold.bench.<name>`); no test imports them for timing."""
+"""Command-line micro-benchmarks (`python -m moefold.bench.<name>`); tests never time them."""

@@ -17,6 +17,7 @@ E experts, K experts per token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import sys
@@ -168,8 +169,8 @@ def build_torchtitan(workload: Workload, weights: ExpertWeights) -> nn.Module:
     """torchtitan's MoE (0.3 Config API); its experts always compute in bf16 grouped_mm."""
     from torchtitan.models.common.linear import Linear
     from torchtitan.models.common.moe import (
-        MoE,
         GroupedExperts,
+        MoE,
         RoutedExperts,
         TokenChoiceTopKRouter,
     )
@@ -251,7 +252,10 @@ def candidates(args: argparse.Namespace, workload: Workload) -> list[Candidate]:
     """The rows of one dtype section, dense first (the ratio's denominator)."""
     weights = random_weights(workload, args.seed)
     moe_flops = workload.moe_step_flops()
-    rows = [Candidate("dense", lambda: build_dense(workload, args.seed), workload.dense_step_flops())]
+    dense = Candidate(
+        "dense", lambda: build_dense(workload, args.seed), workload.dense_step_flops()
+    )
+    rows = [dense]
     for cf in args.capacity_factor:
         name = "moefold" if cf is None else f"moefold-cf{cf:g}"
         rows.append(Candidate(name, lambda cf=cf: build_moefold(workload, weights, cf), moe_flops))
@@ -377,9 +381,7 @@ def header(args: argparse.Namespace, workload: Workload, peaks: dict[str, float]
         "bf16": bf16,
         "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
         f"python {env['python']}",
-        "peak": ", ".join(
-            f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items()
-        )
+        "peak": ", ".join(f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items())
         + f" (torch.matmul {args.peak_size}^3, best of 1 s, measured in this run)",
     }
 
@@ -404,15 +406,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", type=int, default=8, help="routed experts E")
     parser.add_argument("--topk", type=int, default=2, help="experts per token K")
     parser.add_argument("--dtype", nargs="+", choices=list(timing.DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--bf16-mode", choices=["params", "autocast"], default="params",
-                        help="bf16 rows: bf16 parameters and inputs, or fp32 under autocast")
+    parser.add_argument(
+        "--bf16-mode",
+        choices=["params", "autocast"],
+        default="params",
+        help="bf16 rows: bf16 parameters and inputs, or fp32 under autocast",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
-    parser.add_argument("--capacity-factor", nargs="+", type=_capacity_factor, default=[None],
-                        metavar="CF", help="one moefold row per value; 'none' = dropless")
-    parser.add_argument("--hf-experts", nargs="+", default=["eager"],
-                        choices=["eager", "grouped_mm", "batched_mm"],
-                        help="transformers experts implementations to time")
+    parser.add_argument(
+        "--capacity-factor",
+        nargs="+",
+        type=_capacity_factor,
+        default=[None],
+        metavar="CF",
+        help="one moefold row per value; 'none' = dropless",
+    )
+    parser.add_argument(
+        "--hf-experts",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "grouped_mm", "batched_mm"],
+        help="transformers experts implementations to time",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -440,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         topk=args.topk,
     )
     peaks, rows = {}, []
-    for dtype_name in dict.fromkeys(args.dtype):
-        peaks[dtype_name], dtype_rows = run_dtype(args, workload, dtype_name)
-        rows.extend(dtype_rows)
+    # Third-party builders print progress to stdout; keep stdout for the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        for dtype_name in dict.fromkeys(args.dtype):
+            peaks[dtype_name], dtype_rows = run_dtype(args, workload, dtype_name)
+            rows.extend(dtype_rows)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the DeepSpeed row's world-size-1 group
     info = header(args, workload, peaks)
     if args.json:
         print(timing.to_json({**info, "peak_flops": peaks, "rows": rows}))

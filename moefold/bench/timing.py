@@ -100,13 +100,15 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
     def line(values: Sequence[str]) -> str:
         padded = [
             v.rjust(w) if is_number else v.ljust(w)
-            for v, w, is_number in zip(values, widths, numeric)
+            for v, w, is_number in zip(values, widths, numeric, strict=True)
         ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(
-        "-" * (w + 1) + ":" if is_number else "-" * (w + 2) for w, is_number in zip(widths, numeric)
-    ) + "|"
+    dashes = [
+        "-" * (w + 1) + ":" if is_number else "-" * (w + 2)
+        for w, is_number in zip(widths, numeric, strict=True)
+    ]
+    rule = "|" + "|".join(dashes) + "|"
     return "\n".join([line([c.header for c in columns]), rule] + [line(c) for c in cells])
 
 

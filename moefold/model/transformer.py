@@ -64,9 +64,36 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Te
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
 
 
-def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh) -> torch.Tensor:
-    """Exact causal attention with grouped KV heads (torch SDPA)."""
+def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S) -> torch.Tensor:
+    """Exact causal attention with grouped KV heads (torch SDPA); the sequence is in order."""
     return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True)
+
+
+class SequencePositions:
+    """Which positions of the full sequence this rank's tokens hold.
+
+    Context parallelism (cp > 1) gives rank r the chunks r and 2*cp-1-r of 2*cp equal chunks,
+    so causal work is even across ranks; sequence parallelism then gives tp rank t the t-th
+    contiguous slice of that. `attention(S)` are the positions attention sees (the cp-local
+    sequence, after the sequence-parallel all-gather); `local(S)` the indices of this rank's
+    tokens in the full sequence of length S.
+    """
+
+    def __init__(self, cp_size: int = 1, cp_rank: int = 0, tp_size: int = 1, tp_rank: int = 0):
+        self.cp_size, self.cp_rank, self.tp_size, self.tp_rank = cp_size, cp_rank, tp_size, tp_rank
+
+    def attention(self, seq_len: int, device=None) -> torch.Tensor:
+        if self.cp_size == 1:
+            return torch.arange(seq_len, device=device)
+        chunk = seq_len // (2 * self.cp_size)
+        first = torch.arange(self.cp_rank * chunk, (self.cp_rank + 1) * chunk, device=device)
+        mirror = 2 * self.cp_size - 1 - self.cp_rank
+        return torch.cat([first, torch.arange(mirror * chunk, (mirror + 1) * chunk, device=device)])
+
+    def local(self, seq_len: int, device=None) -> torch.Tensor:
+        visible = self.attention(seq_len, device)
+        width = visible.numel() // self.tp_size
+        return visible[self.tp_rank * width : (self.tp_rank + 1) * width]
 
 
 class Attention(nn.Module):
@@ -99,7 +126,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         cos, sin = rotary_tables(positions_S, self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attention_fn(q, k, v).transpose(1, 2).reshape(B, S, -1)
+        out = self.attention_fn(q, k, v, positions_S).transpose(1, 2).reshape(B, S, -1)
         return self.region.exit(self.o_proj(out))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from moefold.config import JobConfig
 from moefold.model.transformer import Transformer
+from moefold.parallel.context_parallel import apply_cp
 from moefold.parallel.expert_parallel import apply_ep
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.router_stats import bind_router_stats
@@ -17,6 +18,7 @@ from moefold.parallel.tensor_parallel import apply_tp
 
 def parallelize_model(model: Transformer, job: JobConfig, groups: ParallelGroups) -> Transformer:
     apply_tp(model, groups)
+    apply_cp(model, groups)
     bind_router_stats(model, groups)
     apply_ep(model, groups)
     return model

@@ -25,6 +25,7 @@ from moefold.checkpoint import find_resume_checkpoint, load_checkpoint, save_che
 from moefold.config import JobConfig, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
+from moefold.model.transformer import SequencePositions
 from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
 from moefold.parallel.mesh import ParallelGroups
 from moefold.train.metrics import MetricsWriter, print0
@@ -55,6 +56,8 @@ class Trainer:
         self.loader = BatchLoader(train_data, train.global_batch, train.micro_batch, train.seed,
                                   dp_rank=dp_rank, dp_size=dp_size)
         self.val_data = val_data
+        self.positions = SequencePositions(groups.size("cp"), groups.coord("cp"),
+                                           groups.size("tp"), groups.coord("tp"))
         self.optimizer = build_optimizer(model, train)
         self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
         for layer in model.moe_layers():
@@ -75,19 +78,17 @@ class Trainer:
         return nullcontext()
 
     def shard_batch(self, batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, labels, positions) of this rank's slice of one micro-batch.
+        """(inputs, labels, positions) of this rank's part of one micro-batch.
 
-        Sequence parallelism gives tp rank r the r-th contiguous slice of the sequence; the
-        positions are those of the whole sequence that attention sees after its all-gather.
-        At tp = cp = 1 this is the whole micro-batch.
+        `self.positions` (set from the layout) says which tokens this rank holds under context
+        and sequence parallelism, and which positions its attention sees; at tp = cp = 1 it is
+        the whole micro-batch in order.
         """
         batch_BS1 = batch_BS1.to(self.device)
         inputs, labels = batch_BS1[:, :-1], batch_BS1[:, 1:]
-        positions = torch.arange(inputs.shape[1], device=self.device)
-        tp_size, tp_rank = self.groups.size("tp"), self.groups.coord("tp")
-        chunk = inputs.shape[1] // tp_size
-        local = slice(tp_rank * chunk, (tp_rank + 1) * chunk)
-        return inputs[:, local], labels[:, local], positions
+        seq_len = inputs.shape[1]
+        local = self.positions.local(seq_len, self.device)
+        return inputs[:, local], labels[:, local], self.positions.attention(seq_len, self.device)
 
     def forward_loss(self, batch_BS1: torch.Tensor) -> torch.Tensor:
         inputs, labels, positions = self.shard_batch(batch_BS1)

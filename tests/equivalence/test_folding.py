@@ -66,3 +66,38 @@ def test_router_options_match_single_process(variant, layout):
                             "dp4__ep2-etp2": (4, {"ep": 2, "etp": 2})}[layout]
     result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=300)[0]
     assert_matches(result, reference(model_overrides))
+
+
+DROPPING = {
+    "cf1-probs": ("moe.capacity_factor=1.0",),
+    "cf0.5-position": ("moe.capacity_factor=0.5", "moe.drop_policy=position"),
+    "cf1-padded": ("moe.capacity_factor=1.0", "moe.pad_to_capacity=true"),
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", DROPPING, ids=list(DROPPING))
+@pytest.mark.parametrize(
+    "parallel",
+    [{"ep": 4}, {"ep": 4, "dispatcher": "allgather"}, {"ep": 2, "etp": 2}],
+    ids=["dp4__ep4", "dp4__ep4-allgather", "dp4__ep2-etp2"],
+)
+def test_token_dropping_matches_single_process_without_tp(mode, parallel):
+    result = run_ranks(layout_body, 4, DROPPING[mode], parallel, timeout=300)[0]
+    assert_matches(result, reference(DROPPING[mode]))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", ["cf1-probs", "cf1-padded"])
+def test_token_dropping_identical_across_expert_layouts_under_tp(mode):
+    # With tp2 each rank drops on its own sequence slice, so the single process differs; the
+    # expert layout and the dispatcher must not matter.
+    overrides = DROPPING[mode]
+    runs = [
+        run_ranks(layout_body, 4, overrides, parallel, timeout=300)[0]
+        for parallel in ({"tp": 2, "ep": 4}, {"tp": 2, "ep": 2, "etp": 2, "dispatcher": "allgather"},
+                         {"tp": 2})
+    ]
+    for other in runs[1:]:
+        assert_matches(other, runs[0])
+    assert runs[0]["last_row"]["dropped_frac"]["0"] > 0

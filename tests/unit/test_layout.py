@@ -130,6 +130,22 @@ def test_every_factorization_partitions_ranks_in_both_views(world_size):
                 _check_view(layout, view)
 
 
+@pytest.mark.parametrize("world_size", [6, 8], ids=lambda w: f"w{w}")
+def test_build_accepts_exactly_the_factorizations(world_size):
+    """Brute force over all degrees 1..world_size+1; also checks _factorizations itself."""
+    accepted = set()
+    for tp, cp, pp, ep, etp in itertools.product(range(1, world_size + 2), repeat=5):
+        legal = world_size % (pp * cp * tp) == 0 and world_size % (pp * ep * etp) == 0
+        try:
+            ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+            accepted.add((tp, cp, pp, ep, etp))
+        except ConfigError:
+            assert not legal, (tp, cp, pp, ep, etp)
+        else:
+            assert legal, (tp, cp, pp, ep, etp)
+    assert accepted == {tuple(degrees.values()) for degrees in _factorizations(world_size)}
+
+
 @pytest.mark.parametrize(
     "degrees",
     [
@@ -312,6 +328,7 @@ def test_describe_truncates_large_worlds():
         (8, {"tp": 2, "ep": 4}),
         (16, {"pp": 2, "tp": 2, "cp": 2, "ep": 4}),
     ],
+    ids=["tp2-cp2-dp2__ep8", "tp2-dp4__ep4-edp2", "pp2-tp2-cp2-dp2__ep4-edp2"],
 )
 def test_docs_tables_match_describe(world_size, degrees):
     docs = (REPO / "docs" / "parallel_layout.md").read_text()

@@ -1,0 +1,92 @@
+"""`moefold.bench.moe_layer` runs on a tiny workload and prints well-formed rows (no timing)."""
+
+import json
+
+import pytest
+
+from moefold.bench import moe_layer
+from moefold.bench.timing import Column, format_table
+
+TINY = [
+    "--tokens", "32", "--batch", "2", "--hidden", "16", "--ffn", "24", "--experts", "4",
+    "--topk", "2", "--steps", "2", "--warmup", "1", "--peak-size", "32",
+]  # fmt: skip
+COLUMNS = [
+    "name", "dtype", "ep", "tokens_per_s", "tflops", "pct_of_peak", "ratio_vs_dense", "step_ms",
+]  # fmt: skip
+REQUIRED_ROWS = {"dense", "moefold", "moefold-cf1", "hf-mixtral", "hf-qwen3-moe"}
+
+
+def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]  # header, (rule), rows
+
+
+def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
+    argv = TINY + ["--dtype", "fp32", "bf16", "--capacity-factor", "none", "1.0"]
+    assert moe_layer.main(argv) == 0
+    out = capsys.readouterr().out
+    header, rows = table_rows(out)
+    assert header == COLUMNS
+    for dtype in ("fp32", "bf16"):
+        names = {row[0] for row in rows if row[1] == dtype}
+        assert REQUIRED_ROWS <= names
+    for row in rows:
+        assert row[2] == "1"
+        assert all(float(value) > 0 for value in row[3:])
+    assert {row[6] for row in rows if row[0] == "dense"} == {"1.000"}
+    assert "# peak: fp32 " in out and "bf16 parameters and inputs" in out
+
+
+def test_moe_layer_json_rows_are_complete(capsys):
+    assert moe_layer.main(TINY + ["--dtype", "fp32", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert set(document["peak_flops"]) == {"fp32"}
+    rows = document["rows"]
+    assert {"dense", "moefold", "hf-mixtral", "hf-qwen3-moe"} <= {row["name"] for row in rows}
+    for row in rows:
+        assert set(COLUMNS) <= set(row)
+        assert len(row["step_s_all"]) == 2
+        assert row["tokens_per_s"] > 0 and row["tflops"] > 0
+    dense = next(row for row in rows if row["name"] == "dense")
+    assert dense["ratio_vs_dense"] == 1.0
+
+
+def test_autocast_mode_runs(capsys):
+    argv = TINY + ["--dtype", "bf16", "--bf16-mode", "autocast", "--hf-experts", "eager"]
+    assert moe_layer.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "torch.autocast(cpu, bf16)" in out
+    assert {row[0] for row in table_rows(out)[1]} >= {"dense", "moefold"}
+
+
+def test_paper_workload_flops_match_the_baselines_figure():
+    workload = moe_layer.Workload(
+        batch=2, seq=2048, hidden=1024, ffn_hidden=3584, num_experts=8, topk=2
+    )
+    assert round(workload.moe_step_flops() / 1e9, 1) == 541.4  # shared/BASELINES.md
+    router = 3 * 2 * 4096 * 1024 * 8
+    assert workload.moe_step_flops() - workload.dense_step_flops() == router
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--tokens", "33", "--batch", "2"], ["--topk", "9"], ["--capacity-factor", "0"]],
+    ids=["tokens-not-divisible", "topk-above-experts", "capacity-factor-zero"],
+)
+def test_bad_arguments_exit_with_usage_error(argv):
+    with pytest.raises(SystemExit) as error:
+        moe_layer.main(argv)
+    assert error.value.code == 2
+
+
+def test_format_table_right_aligns_numbers():
+    rows = [{"name": "a", "x": 1.5}, {"name": "long-name", "x": 12.25}]
+    text = format_table(rows, [Column("name", "name"), Column("x", "x", ".2f")])
+    assert text.splitlines() == [
+        "| name      |     x |",
+        "|-----------|------:|",
+        "| a         |  1.50 |",
+        "| long-name | 12.25 |",
+    ]
