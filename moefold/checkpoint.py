@@ -1,13 +1,19 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP), written atomically.
+"""Checkpoints through torch.distributed.checkpoint (DCP): layout-independent and atomic.
 
-Layout of one checkpoint folder `CKPT_ROOT/step_00000040/`:
-    .metadata, *.distcp   model and optimizer state (DCP, keyed by stable parameter names)
+Every tensor is saved under its stable parameter name with its GLOBAL shape: a sharded
+parameter (tp, ep, etp cuts recorded by apply_*) is wrapped as a DTensor over the matching
+DeviceMesh dims, so DCP stores global offsets and any other layout (different tp, cp, pp, ep,
+etp, dp or world size) loads it by resharding. Expert weights keep global expert indices
+because the ep cut is a plain Shard(0) of the [E, ...] tensor. Replicated tensors are plain
+tensors; DCP writes one copy.
+
+Folder `CKPT_ROOT/step_00000040/`:
+    .metadata, *.distcp   model parameters, persistent buffers (expert bias), AdamW state
     trainer.json          step, data-loader position and other plain trainer state
     config.toml           the resolved JobConfig
-Every rank writes into `CKPT_ROOT/.tmp-step_00000040/`; after all ranks finish, the coordinator
-renames it into place, so a folder named `step_*` is always complete. A crash while saving
-leaves only a `.tmp-*` folder that the next save removes. Only the newest `keep` checkpoints
-are kept.
+All ranks write into `CKPT_ROOT/.tmp-step_00000040/`; after a barrier the coordinator renames
+it into place, so a `step_*` folder is always complete. A crash while saving leaves only a
+`.tmp-*` folder, removed by the next save. The newest `keep` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -15,34 +21,33 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.tensor import DTensor, Shard
+
+from moefold.parallel.data_parallel import parameter_shards
 
 logger = logging.getLogger(__name__)
 
 TRAINER_FILE = "trainer.json"
 CONFIG_FILE = "config.toml"
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
+    """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def _is_intact(path: Path) -> bool:
+def is_intact(path: Path) -> bool:
     try:
         json.loads((path / TRAINER_FILE).read_text())
     except (OSError, ValueError):
@@ -51,7 +56,7 @@ def _is_intact(path: Path) -> bool:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete-looking checkpoint folders, oldest first."""
+    """Checkpoint folders, oldest first."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -64,17 +69,71 @@ def find_resume_checkpoint(root: Path, resume: str) -> Path | None:
         return None
     if resume != "auto":
         path = Path(resume)
-        if not _is_intact(path):
+        if not is_intact(path):
             raise CheckpointError(
                 f"checkpoint.resume: {path} is not an intact checkpoint (needs {TRAINER_FILE} "
                 "and .metadata); pass another folder or checkpoint.resume=auto"
             )
         return path
     for path in reversed(list_checkpoints(root)):
-        if _is_intact(path):
+        if is_intact(path):
             return path
         logger.warning("skipping broken checkpoint %s", path)
     return None
+
+
+# ---- layout-independent state dicts --------------------------------------------------------
+
+
+def _global_view(tensor: torch.Tensor, shards, meshes: dict[str, Any]) -> torch.Tensor:
+    """The local shard as a DTensor over the mesh dims it was cut along (or the tensor)."""
+    if not shards or meshes is None:
+        return tensor
+    names = tuple(family for family, _ in shards)
+    mesh = meshes[names[0]] if len(names) == 1 else meshes[names]
+    placements = [Shard(dim) for _, dim in shards]
+    return DTensor.from_local(tensor, mesh, placements, run_check=False)
+
+
+def mesh_lookup(groups) -> dict:
+    """Sub-meshes by the shard families apply_* record: ("tp",), ("ep",), ("etp",), ("ep","etp")."""
+    if groups is None:
+        return None
+    return {
+        "tp": groups.dense_mesh["tp"],
+        "ep": groups.expert_mesh["ep"],
+        "etp": groups.expert_mesh["etp"],
+        ("ep", "etp"): groups.expert_mesh["ep", "etp"],
+    }
+
+
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, groups
+) -> dict[str, Any]:
+    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} with sharded
+    tensors as DTensors. Tensors share storage with the live ones, so dcp.load fills in place."""
+    meshes = mesh_lookup(groups)
+    params = dict(model.named_parameters())
+    state: dict[str, Any] = {"model": {}}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        shards = parameter_shards(params[name]) if name in params else ()
+        state["model"][name] = _global_view(tensor.detach(), shards, meshes)
+    if optimizer is None:
+        return state
+    state["optim"] = {}
+    for name, param in params.items():
+        slot = optimizer.state[param]
+        if not slot:  # never stepped: create the state so it can be loaded into
+            slot["step"] = torch.zeros((), dtype=torch.float32)
+            for key in ADAM_STATE:
+                slot[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        entry = {key: _global_view(slot[key], parameter_shards(param), meshes) for key in ADAM_STATE}
+        entry["step"] = slot["step"]
+        state["optim"][name] = entry
+    return state
+
+
+# ---- save / load ---------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -85,53 +144,65 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_toml: str,
     keep: int,
-    is_coordinator: bool,
-    barrier: Callable[[], None],
+    groups,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    if is_coordinator:
+    coordinator = groups.is_logging_rank
+    if coordinator:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    barrier()
-    if is_coordinator:
+    groups.barrier()
+    dcp.save(training_state(model, optimizer, groups), checkpoint_id=str(tmp))
+    groups.barrier()
+    if coordinator:
         (tmp / CONFIG_FILE).write_text(config_toml)
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        if final.exists():  # re-saving the same step after a resume: replace it
             shutil.rmtree(final)
         tmp.rename(final)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    groups.barrier()
     return final
 
 
+def check_model_config(path: Path, model_section: dict, moe_section: dict) -> None:
+    """The checkpoint's model must be this model; the layout may differ."""
+    try:
+        saved = tomllib.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / CONFIG_FILE}: unreadable ({error})") from error
+    differences = []
+    for section, current in (("model", model_section), ("moe", moe_section)):
+        for key in ("num_experts", "ffn_hidden", "shared_ffn_hidden", "shared_gate",
+                    "first_dense_layers", "layer_freq", "expert_bias") if section == "moe" else current:
+            old, new = saved.get(section, {}).get(key), current.get(key)
+            if old != new:
+                differences.append(f"{section}.{key}: checkpoint {old!r}, this run {new!r}")
+    if differences:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds a different model ({'; '.join(differences)}); "
+            "resume with the same model config (any parallel layout works)"
+        )
+
+
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, groups=None
 ) -> dict[str, Any]:
-    """Load model (and optimizer) state in place; returns the trainer state."""
+    """Load model (and optimizer) state in place, resharding to this layout; returns the
+    trainer state. `groups` may be None for a single-process, unsharded model."""
     try:
         trainer_state = json.loads((path / TRAINER_FILE).read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / TRAINER_FILE}: unreadable ({error})") from error
-    if optimizer is None:
-        model_state = get_state_dict(model, [])[0]
-        state: dict[str, Any] = {"model": model_state}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
+    state = training_state(model, optimizer, groups)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as error:  # DCP raises many types for truncated/corrupt files
-        raise CheckpointError(f"{path}: could not be read ({type(error).__name__}: {error})") from error
-    if optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
-                       options=StateDictOptions(strict=True))
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+    except Exception as error:  # DCP raises many types for truncated or corrupt files
+        raise CheckpointError(
+            f"{path}: could not be read ({type(error).__name__}: {error}); "
+            "use an older checkpoint or checkpoint.resume=auto"
+        ) from error
     return trainer_state

@@ -21,8 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moefold.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from moefold.config import JobConfig, job_to_toml
+from moefold.checkpoint import (
+    check_model_config,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
 from moefold.model.transformer import SequencePositions
@@ -231,15 +236,16 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(
             self.checkpoint_root, self.step, self.model, self.optimizer, self.trainer_state(),
-            job_to_toml(self.job), self.job.checkpoint.keep, self.groups.is_logging_rank,
-            self.groups.barrier,
+            job_to_toml(self.job), self.job.checkpoint.keep, self.groups,
         )
 
     def maybe_resume(self) -> Path | None:
         path = find_resume_checkpoint(self.checkpoint_root, self.job.checkpoint.resume)
         if path is None:
             return None
-        state = load_checkpoint(path, self.model, self.optimizer)
+        sections = job_to_dict(self.job)
+        check_model_config(path, sections["model"], sections["moe"])
+        state = load_checkpoint(path, self.model, self.optimizer, self.groups)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         return path
