@@ -220,6 +220,8 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(0 <= self.beta1 < 1, "train.beta1", "must be in [0, 1)")
         _require(0 <= self.beta2 < 1, "train.beta2", "must be in [0, 1)")
+        _require(self.eps >= 0, "train.eps", "must be >= 0")
+        _require(self.lr < float("inf"), "train.lr", "must be finite")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
@@ -261,6 +263,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
         _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _require(bool(self.resume), "checkpoint.resume", "use 'auto', 'none' or a checkpoint path")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,4 +519,11 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         par.vpp == 1 or par.pp_schedule == "interleaved_1f1b",
         "parallel.vpp",
         "virtual stages need parallel.pp_schedule='interleaved_1f1b'",
+    )
+    _require(par.vpp == 1 or par.pp > 1, "parallel.vpp", "needs parallel.pp > 1")
+    _require(
+        not (model.tie_embeddings and par.pp > 1),
+        "model.tie_embeddings",
+        "is not supported with parallel.pp > 1 (embedding and head sit on different stages); "
+        "set model.tie_embeddings=false or pp=1",
     )

@@ -39,6 +39,8 @@ RULES = [
     ("train.eval_batches", "a multiple of dp"),
     ("model.layers", "divisible by pp*vpp (layers per virtual pipeline stage)"),
     ("parallel.vpp", "vpp > 1 needs parallel.pp_schedule = 'interleaved_1f1b'"),
+    ("parallel.vpp", "vpp > 1 needs pp > 1"),
+    ("model.tie_embeddings", "not with pp > 1 (embedding and LM head sit on different stages)"),
 ]
 
 INTRO = """\

@@ -178,6 +178,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.layers)})
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        # Which positions this rank's tokens hold; context/sequence parallelism replace it.
+        self.positions = SequencePositions()
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
@@ -188,12 +190,26 @@ class Transformer(nn.Module):
         """tokens [B, S] (ids, or hidden [B, S, D] on a non-first pipeline stage) -> logits
         [B, S, V] (or hidden on a non-last stage). `positions_S` are the global positions of the
         local tokens (context parallelism passes its chunks' positions); default 0..S-1."""
-        x = self.embed(tokens_BS) if self.embed is not None else tokens_BS
+        return self.forward_layers(tokens_BS, list(self.layers), positions_S, first=True, last=True)
+
+    def forward_layers(
+        self,
+        x: torch.Tensor,
+        layer_names: list[str],
+        positions_S: torch.Tensor | None = None,
+        first: bool = True,
+        last: bool = True,
+    ) -> torch.Tensor:
+        """Run the given blocks; `first` adds the embedding, `last` the norm and LM head.
+        Pipeline stages call this with their own slice of the layers."""
         if positions_S is None:
-            positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
-        for block in self.layers.values():
-            x = block(x, positions_S)
-        if self.norm is None:
+            p = self.positions
+            positions_S = p.attention(x.shape[1] * p.tp_size * p.cp_size, x.device)
+        if first:
+            x = self.embed(x)
+        for name in layer_names:
+            x = self.layers[name](x, positions_S)
+        if not last:
             return x
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

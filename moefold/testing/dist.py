@@ -9,10 +9,14 @@ Fork caveats learned on this machine (torch 2.13 CPU, libgomp):
   else. Do not remove it.
 - The test body `fn` and its arguments reach the children through fork, so they need not be
   picklable (closures and lambdas work). Only return values cross a pipe and must pickle.
+- Return values travel as plain pickle bytes, so tensors are copied by value. The pipe's own
+  ForkingPickler would share them through file descriptors served by the child, which has
+  usually exited by the time the parent unpickles (FileNotFoundError / ConnectionResetError).
 - Children inherit the parent's RNG state; seed inside `fn` if the body draws random numbers.
 """
 
 import faulthandler
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -42,7 +46,7 @@ class RanksFailed(RuntimeError):
 
     Attributes:
         failures: rank -> formatted traceback (or exit description) of ranks that failed,
-            in the order the failures arrived; the first entry is usually the root cause.
+            in the order they happened; the first entry is usually the root cause.
         hung: rank -> Python stack dump (all threads) of ranks killed while still running.
     """
 
@@ -73,7 +77,7 @@ def run_ranks(
             timeout inside the children. On expiry every child is killed.
 
     Returns:
-        The return values of `fn`, indexed by rank. They must be picklable.
+        The return values of `fn`, indexed by rank. They must pickle; tensors arrive as copies.
 
     Raises:
         RanksFailed: a rank raised, died, or returned something unpicklable. Lists every
@@ -95,6 +99,12 @@ def run_ranks(
         torch.are_deterministic_algorithms_enabled(),
         warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    # Collect the parent's garbage here, then freeze what is left: otherwise a child's garbage
+    # collector may finalize objects it inherited (e.g. a destroyed gloo process group from an
+    # earlier in-process run), whose destructors wait for threads that do not exist after fork
+    # and hang the child.
+    gc.collect()
+    gc.freeze()
     ctx = multiprocessing.get_context("fork")
     tmp_dir = tempfile.mkdtemp(prefix="moefold-ranks-")
     procs: list[multiprocessing.process.BaseProcess] = []
@@ -118,6 +128,7 @@ def run_ranks(
         for rank in pending:
             procs[rank].kill()
     finally:
+        gc.unfreeze()
         _kill_and_reap(procs)
         for reader in readers:
             reader.close()
@@ -194,7 +205,7 @@ def _collect(procs, readers, tmp_dir, timeout):
             rank = pending.pop(reader)
             try:
                 status, payload, when = pickle.loads(reader.recv_bytes())
-            except EOFError:
+            except (EOFError, OSError):  # died before or while sending
                 procs[rank].join(_EXIT_WAIT_S)
                 status, payload = "error", _death_report(procs[rank], tmp_dir, rank)
                 when = time.monotonic()

@@ -50,8 +50,8 @@ def build_trainer(job: JobConfig, groups: ParallelGroups, out_dir: Path, device:
     train_data, val_data, _ = build_datasets(job.data, job.model.vocab_size, job.train.seq_len, job.train.seed)
     if groups.is_logging_rank:
         groups.barrier()
-    model = parallelize_model(build_model(job), job, groups).to(device)
-    return Trainer(job, model, groups, train_data, val_data, out_dir, device)
+    model, stages = parallelize_model(build_model(job).to(device), job, groups)
+    return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device)
 
 
 def run_training(job: JobConfig, out_dir: Path, device_name: str = "auto") -> list[dict]:

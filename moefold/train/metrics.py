@@ -7,7 +7,11 @@ import json
 import logging
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +69,41 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def step_router_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's sums of the routers' aux-loss and z-loss shares over the step."""
+    aux, z = torch.zeros(()), torch.zeros(())
+    for layer in model.moe_layers():
+        aux = aux + layer.router.step_aux_loss.detach().float().cpu()
+        z = z + layer.router.step_z_loss.detach().float().cpu()
+    return aux, z
+
+
+def expert_load_metrics(
+    model: nn.Module, num_layers: int, sum_over_model: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, Any]:
+    """Per MoE layer: tokens routed to each expert over the global batch, dropped fraction.
+
+    A dense [layers, E] table, filled by the ranks that hold each layer, summed over all ranks
+    (one collective whatever the pipeline split)."""
+    moe_layers = {name.split(".")[1]: m for name, m in model.named_modules()
+                  if name.startswith("layers.") and hasattr(m, "router") and hasattr(m, "stats")}
+    all_moe = [str(i) for i in range(num_layers) if getattr(model, "moe_cfg", None)
+               and model.moe_cfg.is_moe_layer(i)]
+    if not all_moe:
+        return {}
+    num_experts = model.moe_cfg.num_experts
+    table = torch.zeros(len(all_moe), num_experts + 2, dtype=torch.float64)
+    for row, name in enumerate(all_moe):
+        if name in moe_layers:
+            layer = moe_layers[name]
+            table[row, :num_experts] = layer.router.step_tokens_per_expert.double().cpu()
+            table[row, num_experts] = float(layer.stats.dropped)
+            table[row, num_experts + 1] = float(layer.stats.routed)
+    table = sum_over_model(table)
+    load = {name: [int(c) for c in table[row, :num_experts].tolist()]
+            for row, name in enumerate(all_moe)}
+    dropped = {name: float(table[row, num_experts] / max(float(table[row, num_experts + 1]), 1.0))
+               for row, name in enumerate(all_moe)}
+    return {"expert_load": load, "dropped_frac": dropped}

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moefold.checkpoint import (
@@ -30,23 +29,33 @@ from moefold.checkpoint import (
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
-from moefold.model.transformer import SequencePositions
 from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
 from moefold.parallel.mesh import ParallelGroups
-from moefold.train.metrics import MetricsWriter, print0
+from moefold.train.metrics import (
+    MetricsWriter,
+    expert_load_metrics,
+    print0,
+    step_router_losses,
+)
 from moefold.train.optim import build_optimizer, lr_at, set_lr
 from moefold.train.peak import device_peak_flops
+from moefold.train.step_runner import LocalRunner, PipelineRunner
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Trains a (possibly parallelised) model; `groups` carries every process group."""
+    """Trains a (possibly parallelised) model; `groups` carries every process group.
+
+    `model` is this rank's part of the model (all of it unless pipelined) and `stages` its
+    pipeline stages from split_for_pipeline.
+    """
 
     def __init__(
         self,
         job: JobConfig,
         model: nn.Module,
+        stages: list,
         groups: ParallelGroups,
         train_data: Any,
         val_data: Any,
@@ -57,16 +66,14 @@ class Trainer:
         self.device, self.out_dir = device, out_dir
         train = job.train
         self.num_microbatches = train.global_batch // train.micro_batch  # M, global
-        dp_size, dp_rank = groups.size("dp"), groups.coord("dp")
         self.loader = BatchLoader(train_data, train.global_batch, train.micro_batch, train.seed,
-                                  dp_rank=dp_rank, dp_size=dp_size)
+                                  dp_rank=groups.coord("dp"), dp_size=groups.size("dp"))
         self.val_data = val_data
-        self.positions = SequencePositions(groups.size("cp"), groups.coord("cp"),
-                                           groups.size("tp"), groups.coord("tp"))
         self.optimizer = build_optimizer(model, train)
         self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
         for layer in model.moe_layers():
             layer.router.aux_grad_scale = 1.0 / self.num_microbatches
+        self.runner = self._build_runner(stages)
         self.step = 0
         self.tokens_per_step = train.global_batch * train.seq_len
         self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
@@ -75,6 +82,17 @@ class Trainer:
         self.peak = device_peak_flops(device, dtype) if groups.is_logging_rank else None
         self.checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
 
+    def _build_runner(self, stages: list):
+        if self.groups.size("pp") == 1:
+            return LocalRunner(self.model, self.shard_batch, self.autocast, self.loss_scale)
+        train = self.job.train
+        return PipelineRunner(
+            stages, self.groups, self.job.parallel.pp_schedule,
+            self.num_microbatches // self.groups.size("dp"),
+            train.eval_batches // self.groups.size("dp"),
+            self.shard_batch, self.autocast, self.loss_scale, self.device,
+        )
+
     # ---- the step -------------------------------------------------------------------------
 
     def autocast(self):
@@ -82,49 +100,35 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def shard_batch(self, batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, labels, positions) of this rank's part of one micro-batch.
+    def shard_batch(self, batch_BS1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of this rank's part of one micro-batch [B, S+1].
 
-        `self.positions` (set from the layout) says which tokens this rank holds under context
-        and sequence parallelism, and which positions its attention sees; at tp = cp = 1 it is
-        the whole micro-batch in order.
+        `model.positions` (set from the layout) says which tokens this rank holds under context
+        and sequence parallelism; at tp = cp = 1 it is the whole micro-batch in order.
         """
         batch_BS1 = batch_BS1.to(self.device)
-        inputs, labels = batch_BS1[:, :-1], batch_BS1[:, 1:]
-        seq_len = inputs.shape[1]
-        local = self.positions.local(seq_len, self.device)
-        return inputs[:, local], labels[:, local], self.positions.attention(seq_len, self.device)
-
-    def forward_loss(self, batch_BS1: torch.Tensor) -> torch.Tensor:
-        inputs, labels, positions = self.shard_batch(batch_BS1)
-        with self.autocast():
-            logits = self.model(inputs, positions)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        local = self.model.positions.local(batch_BS1.shape[1] - 1, self.device)
+        return batch_BS1[:, :-1][:, local], batch_BS1[:, 1:][:, local]
 
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
-        local_loss = self.compute_gradients()
+        loss_sum = self.compute_gradients()
         grad_norm = self.apply_gradients()
-        return self.step_metrics(local_loss, grad_norm, started)
+        return self.step_metrics(loss_sum, grad_norm, started)
 
     def compute_gradients(self) -> torch.Tensor:
         """Forward/backward over this rank's micro-batches, then the cross-rank gradient sums.
 
         Afterwards every parameter's gradient equals the single-process gradient (its shard).
-        Returns this rank's mean micro-batch loss.
+        Returns the sum of this rank's micro-batch losses (0 off the last pipeline stage).
         """
         self.model.train()
         for layer in self.model.moe_layers():
             layer.router.reset_step_statistics()
             layer.stats = type(layer.stats)()
-        loss_sum = torch.zeros((), device=self.device)
-        micro_batches = self.loader.next_batch()
-        for batch in micro_batches:
-            loss = self.forward_loss(batch)
-            (loss * self.loss_scale).backward()
-            loss_sum += loss.detach()
+        loss_sum = self.runner.forward_backward(self.loader.next_batch())
         reduce_gradients(self.model, self.groups)
-        return loss_sum / len(micro_batches)
+        return loss_sum
 
     def apply_gradients(self) -> torch.Tensor:
         """Clip, optimizer step at this step's learning rate, expert-bias update."""
@@ -152,32 +156,34 @@ class Trainer:
             self.all_reduce(counts, "dp_cp_tp")
             layer.router.update_expert_bias(counts)
 
-    def all_reduce(self, tensor: torch.Tensor, family: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, family: str) -> torch.Tensor:
         if self.groups.size(family) > 1:
-            dist.all_reduce(tensor, op=op, group=self.groups.group(family))
+            dist.all_reduce(tensor, group=self.groups.group(family))
         return tensor
+
+    def sum_over_model(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks of one pipeline stage, then over the stages."""
+        return self.all_reduce(self.all_reduce(tensor, "dp_cp_tp"), "pp")
 
     # ---- metrics --------------------------------------------------------------------------
 
-    def step_metrics(self, local_loss: torch.Tensor, grad_norm: torch.Tensor, started: float):
-        stage_ranks = self.groups.size("dp_cp_tp")
-        values = torch.stack([local_loss.float().cpu(), *self._router_scalars()])
-        self.all_reduce(values, "dp_cp_tp")
-        loss = float(values[0]) / stage_ranks
+    def step_metrics(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, started: float):
+        aux, z = step_router_losses(self.model)
+        values = self.sum_over_model(torch.stack([loss_sum.float().cpu(), aux, z]))
         elapsed = time.perf_counter() - started
-        tokens_per_s = self.tokens_per_step / elapsed
+        num_micro = self.num_microbatches
         row: dict[str, Any] = {
             "step": self.step,
-            "loss": loss,
-            "aux_loss": float(values[1]) / self.groups.size("dp") / self.num_microbatches_local,
-            "z_loss": float(values[2]) / self.groups.size("dp") / self.num_microbatches_local,
+            "loss": float(values[0]) / (num_micro * self.groups.size("tp_cp")),
+            "aux_loss": float(values[1]) / num_micro,
+            "z_loss": float(values[2]) / num_micro,
             "grad_norm": float(grad_norm),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": self.tokens_per_step / elapsed,
             "mfu": self.mfu(elapsed),
             "step_time_s": elapsed,
         }
-        row.update(self.expert_load_metrics())
+        row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
         self.groups.comm_stats.reset()
         return row
@@ -188,47 +194,18 @@ class Trainer:
             return float("nan")
         return self.flops_per_step / elapsed / (self.peak.flops_per_s * self.groups.world_size)
 
-    @property
-    def num_microbatches_local(self) -> int:
-        return self.num_microbatches // self.groups.size("dp")
-
-    def _router_scalars(self) -> list[torch.Tensor]:
-        aux = torch.zeros(())
-        z = torch.zeros(())
-        for layer in self.model.moe_layers():
-            aux = aux + layer.router.step_aux_loss.detach().float().cpu()
-            z = z + layer.router.step_z_loss.detach().float().cpu()
-        return [aux, z]
-
-    def expert_load_metrics(self) -> dict[str, Any]:
-        """Per MoE layer: tokens routed to each expert over the global batch, dropped fraction."""
-        load: dict[str, list[int]] = {}
-        dropped: dict[str, float] = {}
-        for name, module in self.model.named_modules():
-            if not hasattr(module, "router") or not hasattr(module, "stats"):
-                continue
-            counts = self.all_reduce(module.router.step_tokens_per_expert.clone().cpu(), "dp_cp_tp")
-            drop = torch.tensor([float(module.stats.dropped), float(module.stats.routed)])
-            self.all_reduce(drop, "dp_cp_tp")
-            layer = name.split(".")[1] if name.startswith("layers.") else name
-            load[layer] = [int(c) for c in counts.tolist()]
-            dropped[layer] = float(drop[0] / max(drop[1], 1.0))
-        return {"expert_load": load, "dropped_frac": dropped} if load else {}
-
     # ---- evaluation, checkpoints, loop ----------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over train.eval_batches fixed micro-batches (split over dp)."""
         self.model.eval()
         train = self.job.train
         batches = eval_batches(self.val_data, train.micro_batch, train.eval_batches,
                                self.groups.coord("dp"), self.groups.size("dp"))
-        total = torch.zeros(())
-        for batch in batches:
-            total += self.forward_loss(batch).float().cpu()
+        total = self.sum_over_model(self.runner.evaluate(batches))
         self.model.train()
-        total = self.all_reduce(total, "dp_cp_tp") / self.groups.size("tp_cp")
-        return float(total) / train.eval_batches
+        return float(total) / (train.eval_batches * self.groups.size("tp_cp"))
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict()}

@@ -281,6 +281,11 @@ def test_rule_raises_config_error_naming_the_field(overrides, world_size, field,
     assert message.startswith(f"{field}: ") and fragment in message, message
 
 
+def test_negative_adam_eps_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^train\.eps: "):
+        load_job(PRESET, ["train.eps=-1e-8"])
+
+
 @pytest.mark.parametrize(
     "section, values, field",
     [
