@@ -10,6 +10,7 @@ backward, which the schedule runs on every stage; no loss travels between stages
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.pipelining import (
@@ -24,6 +25,35 @@ from moefold.parallel.mesh import ParallelGroups
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
+@dataclass(frozen=True)
+class StageShapes:
+    """Shapes and dtypes that cross stage boundaries for one micro-batch.
+
+    Given up front, the stages run in the library's static mode: no metadata-inference forward
+    pass, which would otherwise run the routers (and their dispatcher collectives and step
+    statistics) once more than the schedule does.
+    """
+
+    micro_batch: int
+    local_seq_len: int
+    hidden: int
+    vocab_size: int
+    logits_dtype: torch.dtype
+
+    def example_input(self, first: bool, device: torch.device) -> torch.Tensor:
+        if first:
+            return torch.zeros(self.micro_batch, self.local_seq_len, dtype=torch.long, device=device)
+        # requires_grad tells the stage to send the gradient of its input back upstream
+        hidden = torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
+        return hidden.requires_grad_()
+
+    def example_output(self, last: bool, device: torch.device) -> torch.Tensor:
+        if last:
+            return torch.empty(self.micro_batch, self.local_seq_len, self.vocab_size,
+                               dtype=self.logits_dtype, device=device)
+        return torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
+
+
 def build_schedule(
     stage_modules: list,
     schedule_name: str,
@@ -31,13 +61,22 @@ def build_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     groups: ParallelGroups,
     device: torch.device,
+    shapes: StageShapes,
 ):
     """One schedule over this rank's stages (one stage unless interleaved)."""
     num_stages = groups.size("pp") * len(stage_modules)
-    stages = [
-        PipelineStage(module, index, num_stages, device, group=groups.group("pp"))
-        for index, module in stage_modules
-    ]
+    stages = []
+    for index, module in stage_modules:
+        first, last = index == 0, index == num_stages - 1
+        output = shapes.example_output(last, device)
+        hidden_input = shapes.example_input(False, device).detach()
+        stages.append(PipelineStage(
+            module, index, num_stages, device, group=groups.group("pp"),
+            input_args=shapes.example_input(first, device),
+            output_args=output,
+            output_grads=None if last else output,
+            input_grads=None if first else hidden_input,
+        ))
     cls = SCHEDULES[schedule_name]
     if cls is ScheduleInterleaved1F1B:
         return cls(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)

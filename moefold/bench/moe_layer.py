@@ -261,20 +261,9 @@ def candidates(args: argparse.Namespace, workload: Workload) -> list[Candidate]:
         rows.append(Candidate(name, lambda cf=cf: build_moefold(workload, weights, cf), moe_flops))
     for impl in args.hf_experts:
         suffix = "" if impl == "eager" else f"-{impl}"
-        rows.append(
-            Candidate(
-                f"hf-mixtral{suffix}",
-                lambda impl=impl: build_hf_mixtral(workload, weights, impl),
-                moe_flops,
-            )
-        )
-        rows.append(
-            Candidate(
-                f"hf-qwen3-moe{suffix}",
-                lambda impl=impl: build_hf_qwen3_moe(workload, weights, impl),
-                moe_flops,
-            )
-        )
+        for name, build in (("hf-mixtral", build_hf_mixtral), ("hf-qwen3-moe", build_hf_qwen3_moe)):
+            make = lambda b=build, impl=impl: b(workload, weights, impl)  # noqa: E731
+            rows.append(Candidate(name + suffix, make, moe_flops))
     for package, build in (("torchtitan", build_torchtitan), ("deepspeed", build_deepspeed)):
         if importlib.util.find_spec(package) is not None:
             rows.append(Candidate(package, lambda b=build: b(workload, weights), moe_flops, True))
@@ -294,7 +283,10 @@ def make_step(
         for p in params:
             p.grad = None
         x_BSD.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+        autocast = torch.autocast(
+            "cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        )
+        with autocast:
             out = module(x_BSD)
         out = out[0] if isinstance(out, tuple) else out  # DeepSpeed returns (out, l_aux, counts)
         out.backward(grad_by_dtype[out.dtype])

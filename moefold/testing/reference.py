@@ -44,6 +44,10 @@ def full_state(model: nn.Module, groups: ParallelGroups, grads: bool) -> dict[st
         if value is None:
             value = torch.zeros_like(param)
         out[name] = gather_full(value.detach(), parameter_shards(param), groups).clone()
+    if groups.size("pp") > 1:  # pipeline stages hold disjoint parameters: merge them
+        parts: list = [None] * groups.size("pp")
+        dist.all_gather_object(parts, out, group=groups.group("pp"))
+        out = {name: value for part in parts for name, value in part.items()}
     return out
 
 

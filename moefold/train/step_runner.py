@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefold.schedules import build_schedule
+from moefold.schedules import StageShapes, build_schedule
 
 Shard = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,7 +58,7 @@ class PipelineRunner:
     def __init__(self, stage_modules, groups, schedule_name: str, num_microbatches: int,
                  num_eval_microbatches: int, shard: Shard,
                  autocast: Callable[[], AbstractContextManager], loss_scale: float,
-                 device: torch.device) -> None:
+                 device: torch.device, shapes: StageShapes) -> None:
         self.shard, self.autocast, self.loss_scale = shard, autocast, loss_scale
         indices = [index for index, _ in stage_modules]
         num_stages = groups.size("pp") * len(stage_modules)
@@ -68,11 +68,12 @@ class PipelineRunner:
             return token_mean_loss(logits, labels) * loss_scale
 
         self.schedule = build_schedule(stage_modules, schedule_name, num_microbatches,
-                                       scaled_loss, groups, device)
+                                       scaled_loss, groups, device, shapes)
         # A forward-only schedule for validation, with its own stages (buffer sizes differ).
         eval_schedule_name = "gpipe" if len(stage_modules) == 1 else schedule_name
         self.eval_schedule = build_schedule(stage_modules, eval_schedule_name,
-                                            num_eval_microbatches, token_mean_loss, groups, device)
+                                            num_eval_microbatches, token_mean_loss, groups, device,
+                                            shapes)
 
     def _run(self, schedule, micro_batches, train: bool) -> torch.Tensor:
         pieces = [self.shard(batch) for batch in micro_batches]

@@ -31,6 +31,7 @@ from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
 from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
 from moefold.parallel.mesh import ParallelGroups
+from moefold.schedules import StageShapes
 from moefold.train.metrics import (
     MetricsWriter,
     expert_load_metrics,
@@ -85,12 +86,16 @@ class Trainer:
     def _build_runner(self, stages: list):
         if self.groups.size("pp") == 1:
             return LocalRunner(self.model, self.shard_batch, self.autocast, self.loss_scale)
-        train = self.job.train
+        train, model_cfg = self.job.train, self.job.model
+        shapes = StageShapes(
+            train.micro_batch, train.seq_len // self.groups.size("tp_cp"), model_cfg.hidden,
+            model_cfg.vocab_size, torch.bfloat16 if train.dtype == "bf16" else torch.float32,
+        )
         return PipelineRunner(
             stages, self.groups, self.job.parallel.pp_schedule,
             self.num_microbatches // self.groups.size("dp"),
             train.eval_batches // self.groups.size("dp"),
-            self.shard_batch, self.autocast, self.loss_scale, self.device,
+            self.shard_batch, self.autocast, self.loss_scale, self.device, shapes,
         )
 
     # ---- the step -------------------------------------------------------------------------

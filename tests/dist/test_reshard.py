@@ -30,6 +30,8 @@ def train_body(rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str)
 
 
 PAIRS = {
+    "pp2-tp2__pp2-ep2->dp4__ep4": ((4, {"pp": 2, "tp": 2, "ep": 2}), (4, {"ep": 4})),
+    "dp2__ep2->pp2-cp2__pp2-ep2-etp2": ((2, {"ep": 2}), (8, {"pp": 2, "cp": 2, "ep": 2, "etp": 2})),
     "tp2-dp2__ep4->dp1": ((4, {"tp": 2, "ep": 4}), (1, {})),
     "dp4__ep4->dp4__ep2-etp2": ((4, {"ep": 4}), (4, {"ep": 2, "etp": 2})),
     "world8-tp2-cp2__ep8->world2-tp2": ((8, {"tp": 2, "cp": 2, "ep": 8}), (2, {"tp": 2})),
