@@ -182,11 +182,15 @@ class ParallelConfig:
     ep: int = 1  # expert parallel size
     etp: int = 1  # expert tensor parallel size
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"  # pipeline schedule
+    pp_first_stage_layers: int = 0  # layers of the first stage (it also embeds); 0 = even split
+    pp_last_stage_layers: int = 0  # layers of the last stage (it also runs the head); 0 = even
     distributed_optimizer: bool = False  # shard optimizer state over dp (dense) / edp (experts)
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pp", "vpp", "ep", "etp"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
+        for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
+            _require(getattr(self, name) >= 0, f"parallel.{name}", "must be >= 0 (0 = even)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -510,11 +514,29 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         f"{train.eval_batches} is not a multiple of dp={dp}; pick a multiple of dp",
     )
     virtual_stages = par.pp * par.vpp
-    _require(
-        model.layers % virtual_stages == 0,
-        "model.layers",
-        f"{model.layers} layers do not split evenly into pp*vpp={virtual_stages} stages",
-    )
+    first, last = par.pp_first_stage_layers, par.pp_last_stage_layers
+    if first or last:
+        _require(
+            virtual_stages > 1 and first >= 1 and last >= 1,
+            "parallel.pp_first_stage_layers",
+            "uneven splits need pp*vpp > 1 and both pp_first_stage_layers and "
+            "pp_last_stage_layers >= 1",
+        )
+        middle, middle_stages = model.layers - first - last, virtual_stages - 2
+        _require(
+            middle >= middle_stages and (middle == 0 if middle_stages == 0
+                                        else middle % middle_stages == 0),
+            "parallel.pp_last_stage_layers",
+            f"the {middle} layers left between the first and last stage do not split evenly "
+            f"into {middle_stages} middle stages; change the first/last stage layers",
+        )
+    else:
+        _require(
+            model.layers % virtual_stages == 0,
+            "model.layers",
+            f"{model.layers} layers do not split evenly into pp*vpp={virtual_stages} stages; "
+            "change model.layers or set parallel.pp_first_stage_layers/pp_last_stage_layers",
+        )
     _require(
         par.vpp == 1 or par.pp_schedule == "interleaved_1f1b",
         "parallel.vpp",

@@ -17,10 +17,18 @@ from moefold.model.transformer import Transformer
 from moefold.parallel.mesh import ParallelGroups
 
 
-def stage_layers(num_layers: int, num_stages: int) -> list[list[str]]:
-    """Layer names of each of the V stages (even split; check_job enforces divisibility)."""
-    per_stage = num_layers // num_stages
-    return [[str(i) for i in range(s * per_stage, (s + 1) * per_stage)] for s in range(num_stages)]
+def stage_layers(num_layers: int, num_stages: int, first: int = 0, last: int = 0) -> list[list[str]]:
+    """Layer names of each of the V stages: an even split, or `first` and `last` layers on the
+    end stages (they also carry the embedding and the LM head) and an even split between.
+    check_job enforces that the numbers divide."""
+    if not (first or last):
+        first = last = num_layers // num_stages
+    counts = [first] + [0] * (num_stages - 2) + [last] if num_stages > 1 else [num_layers]
+    if num_stages > 2:
+        middle = (num_layers - first - last) // (num_stages - 2)
+        counts[1:-1] = [middle] * (num_stages - 2)
+    bounds = [sum(counts[:s]) for s in range(num_stages + 1)]
+    return [[str(i) for i in range(bounds[s], bounds[s + 1])] for s in range(num_stages)]
 
 
 class StageModule(nn.Module):
@@ -42,7 +50,8 @@ def split_for_pipeline(
     ascending stage order. At pp = 1 the single stage is the whole model."""
     pp_size, pp_rank = groups.size("pp"), groups.coord("pp")
     num_stages = pp_size * parallel.vpp
-    layers = stage_layers(len(model.layers), num_stages)
+    layers = stage_layers(len(model.layers), num_stages, parallel.pp_first_stage_layers,
+                          parallel.pp_last_stage_layers)
     mine = [s for s in range(num_stages) if s % pp_size == pp_rank]
     kept = {name for s in mine for name in layers[s]}
     for name in list(model.layers):

@@ -61,7 +61,7 @@ def build_test_trainer(job: JobConfig, groups: ParallelGroups):
 def run_steps(job: JobConfig, groups: ParallelGroups, steps: int) -> dict:
     """Train `steps` steps; returns losses, the step-1 full gradients and final parameters."""
     trainer = build_test_trainer(job, groups)
-    losses, grads = [], None
+    losses, grad_norms, grads = [], [], None
     for step in range(steps):
         local_loss = trainer.compute_gradients()
         if step == 0:
@@ -69,8 +69,10 @@ def run_steps(job: JobConfig, groups: ParallelGroups, steps: int) -> dict:
         grad_norm = trainer.apply_gradients()
         row = trainer.step_metrics(local_loss, grad_norm, 0.0)
         losses.append(row["loss"])
+        grad_norms.append(row["grad_norm"])
     params = full_state(trainer.model, groups, grads=False)
-    return {"losses": losses, "grads": grads, "params": params, "last_row": row}
+    return {"losses": losses, "grad_norms": grad_norms, "grads": grads, "params": params,
+            "last_row": row}
 
 
 def single_process_reference(job: JobConfig, steps: int) -> dict:

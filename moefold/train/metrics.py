@@ -107,3 +107,13 @@ def expert_load_metrics(
     dropped = {name: float(table[row, num_experts] / max(float(table[row, num_experts + 1]), 1.0))
                for row, name in enumerate(all_moe)}
     return {"expert_load": load, "dropped_frac": dropped}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocator peak on CUDA, process peak RSS on CPU (which
+    includes the Python/torch runtime, about 0.3-0.4 GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -35,6 +35,7 @@ from moefold.schedules import StageShapes
 from moefold.train.metrics import (
     MetricsWriter,
     expert_load_metrics,
+    peak_memory_mb,
     print0,
     step_router_losses,
 )
@@ -187,6 +188,7 @@ class Trainer:
             "tokens_per_s": self.tokens_per_step / elapsed,
             "mfu": self.mfu(elapsed),
             "step_time_s": elapsed,
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
         row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()

@@ -53,6 +53,12 @@ def assert_matches(result: dict, ref: dict, check_grads: bool = True) -> None:
         torch.tensor(ref["losses"], dtype=torch.float64),
         rtol=LOSS_RTOL, atol=0,
     )
+    # The global grad norm (and so clipping) sees every shard exactly once.
+    torch.testing.assert_close(
+        torch.tensor(result["grad_norms"], dtype=torch.float64),
+        torch.tensor(ref["grad_norms"], dtype=torch.float64),
+        rtol=GRAD_RTOL, atol=0,
+    )
     if check_grads:
         assert result["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():

@@ -12,6 +12,10 @@ FOUR_LAYERS = ("model.layers=4",)
 LAYOUTS = {
     "pp2-1f1b": (2, {"pp": 2}, ()),
     "pp2-gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, ()),
+    "pp2-uneven-1-2": (2, {"pp": 2, "pp_first_stage_layers": 1, "pp_last_stage_layers": 2},
+                       ("model.layers=3",)),
+    "pp4-uneven-1-2-2-1": (4, {"pp": 4, "pp_first_stage_layers": 1, "pp_last_stage_layers": 1},
+                           ("model.layers=6",)),
     "pp4-1f1b": (4, {"pp": 4}, FOUR_LAYERS),
     "pp2-vpp2-interleaved": (2, {"pp": 2, "vpp": 2, "pp_schedule": "interleaved_1f1b"},
                              FOUR_LAYERS),

@@ -90,6 +90,12 @@ TEST_VALUES = {
     "parallel.ep": Case("2", 2, world_size=2),
     "parallel.etp": Case("2", 2, world_size=2),
     "parallel.pp_schedule": Case("gpipe", "gpipe"),
+    "parallel.pp_first_stage_layers": Case(
+        "1", 1, also=("parallel.pp=2", "parallel.pp_last_stage_layers=3"), world_size=2
+    ),
+    "parallel.pp_last_stage_layers": Case(
+        "3", 3, also=("parallel.pp=2", "parallel.pp_first_stage_layers=1"), world_size=2
+    ),
     "parallel.distributed_optimizer": Case("true", True),
     "train.steps": Case("7", 7),
     "train.global_batch": Case("32", 32),
