@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_FILE = "trainer.json"
 CONFIG_FILE = "config.toml"
-ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
@@ -107,11 +106,11 @@ def mesh_lookup(groups) -> dict:
     }
 
 
-def training_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, groups
-) -> dict[str, Any]:
-    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}} with sharded
-    tensors as DTensors. Tensors share storage with the live ones, so dcp.load fills in place."""
+def training_state(model: nn.Module, optimizer, groups) -> dict[str, Any]:
+    """{"model": {name: tensor}, "optim": {name: {exp_avg, exp_avg_sq, step}}}, sharded tensors
+    as DTensors. Model tensors share storage with the live parameters, so dcp.load fills them in
+    place; optimizer tensors come from `optimizer.export_state()` (moefold.parallel.optimizer)
+    and go back through `import_state` after loading."""
     meshes = mesh_lookup(groups)
     params = dict(model.named_parameters())
     state: dict[str, Any] = {"model": {}}
@@ -121,16 +120,17 @@ def training_state(
     if optimizer is None:
         return state
     state["optim"] = {}
-    for name, param in params.items():
-        slot = optimizer.state[param]
-        if not slot:  # never stepped: create the state so it can be loaded into
-            slot["step"] = torch.zeros((), dtype=torch.float32)
-            for key in ADAM_STATE:
-                slot[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        entry = {key: _global_view(slot[key], parameter_shards(param), meshes) for key in ADAM_STATE}
-        entry["step"] = slot["step"]
-        state["optim"][name] = entry
+    for name, entry in optimizer.export_state().items():
+        shards = parameter_shards(params[name])
+        state["optim"][name] = {key: value if key == "step" else _global_view(value, shards, meshes)
+                                for key, value in entry.items()}
     return state
+
+
+def _local_optimizer_state(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {key: value.to_local() if isinstance(value, DTensor) else value
+                   for key, value in entry.items()}
+            for name, entry in state["optim"].items()}
 
 
 # ---- save / load ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer,
     trainer_state: dict[str, Any],
     config_toml: str,
     keep: int,
@@ -188,9 +188,7 @@ def check_model_config(path: Path, model_section: dict, moe_section: dict) -> No
         )
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, groups=None
-) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -> dict[str, Any]:
     """Load model (and optimizer) state in place, resharding to this layout; returns the
     trainer state. `groups` may be None for a single-process, unsharded model."""
     try:
@@ -205,4 +203,6 @@ def load_checkpoint(
             f"{path}: could not be read ({type(error).__name__}: {error}); "
             "use an older checkpoint or checkpoint.resume=auto"
         ) from error
+    if optimizer is not None:
+        optimizer.import_state(_local_optimizer_state(state))
     return trainer_state

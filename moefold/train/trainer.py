@@ -29,7 +29,6 @@ from moefold.checkpoint import (
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
-from moefold.parallel.data_parallel import grad_sum_of_squares, reduce_gradients
 from moefold.parallel.mesh import ParallelGroups
 from moefold.schedules import StageShapes
 from moefold.train.metrics import (
@@ -39,7 +38,8 @@ from moefold.train.metrics import (
     print0,
     step_router_losses,
 )
-from moefold.train.optim import build_optimizer, lr_at, set_lr
+from moefold.parallel.optimizer import build_optimizer
+from moefold.train.lr_schedule import lr_at
 from moefold.train.peak import device_peak_flops
 from moefold.train.step_runner import LocalRunner, PipelineRunner
 
@@ -71,7 +71,8 @@ class Trainer:
         self.loader = BatchLoader(train_data, train.global_batch, train.micro_batch, train.seed,
                                   dp_rank=groups.coord("dp"), dp_size=groups.size("dp"))
         self.val_data = val_data
-        self.optimizer = build_optimizer(model, train)
+        self.optimizer = build_optimizer(model, train, groups,
+                                         sharded=job.parallel.distributed_optimizer)
         self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
         for layer in model.moe_layers():
             layer.router.aux_grad_scale = 1.0 / self.num_microbatches
@@ -133,27 +134,25 @@ class Trainer:
             layer.router.reset_step_statistics()
             layer.stats = type(layer.stats)()
         loss_sum = self.runner.forward_backward(self.loader.next_batch())
-        reduce_gradients(self.model, self.groups)
+        self.optimizer.reduce_gradients()
         return loss_sum
 
     def apply_gradients(self) -> torch.Tensor:
         """Clip, optimizer step at this step's learning rate, expert-bias update."""
-        set_lr(self.optimizer, lr_at(self.step, self.job.train))
         grad_norm = self.clip_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(lr_at(self.step, self.job.train))
         self.update_expert_bias()
         self.step += 1
         return grad_norm
 
     def clip_gradients(self) -> torch.Tensor:
-        grad_norm = grad_sum_of_squares(self.model, self.groups).sqrt()
+        """Clip by the global norm, which counts every gradient shard exactly once."""
+        grad_norm = self.optimizer.grad_norm()
         clip = self.job.train.grad_clip
         if clip > 0:
             scale = float(torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
             if scale < 1.0:
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                torch._foreach_mul_(grads, scale)
+                self.optimizer.scale_gradients(scale)
         return grad_norm
 
     def update_expert_bias(self) -> None:
@@ -184,11 +183,12 @@ class Trainer:
             "aux_loss": float(values[1]) / num_micro,
             "z_loss": float(values[2]) / num_micro,
             "grad_norm": float(grad_norm),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr_at(self.step - 1, self.job.train),
             "tokens_per_s": self.tokens_per_step / elapsed,
             "mfu": self.mfu(elapsed),
             "step_time_s": elapsed,
             "peak_memory_mb": peak_memory_mb(self.device),
+            "optimizer_state_mb": self.optimizer.state_bytes() / 2**20,
         }
         row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()

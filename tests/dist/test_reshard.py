@@ -29,7 +29,10 @@ def train_body(rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str)
     return [(row["step"], row["loss"]) for row in rows] if rank == 0 else None
 
 
+ZERO1 = {"distributed_optimizer": "true"}
 PAIRS = {
+    "dp4-zero1->dp2-zero1": ((4, ZERO1), (2, ZERO1)),
+    "tp2-dp2__ep4-zero1->pp2-dp2__pp2-ep2": ((4, {"tp": 2, "ep": 4, **ZERO1}), (4, {"pp": 2, "ep": 2})),
     "pp2-tp2__pp2-ep2->dp4__ep4": ((4, {"pp": 2, "tp": 2, "ep": 2}), (4, {"ep": 4})),
     "dp2__ep2->pp2-cp2__pp2-ep2-etp2": ((2, {"ep": 2}), (8, {"pp": 2, "cp": 2, "ep": 2, "etp": 2})),
     "tp2-dp2__ep4->dp1": ((4, {"tp": 2, "ep": 4}), (1, {})),
