@@ -230,7 +230,12 @@ class ShardedAdamW:
         return out
 
     def import_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Moments from per-parameter tensors; the master slices are re-read from the
+        parameters, which the checkpoint has just loaded."""
         for shard, _ in self.shards:
+            with torch.no_grad():
+                params = shard.flatten([p.detach() for _, p in shard.named])
+                shard.master.copy_(params[shard.slice])
             slot = self._slot(shard)
             for key in MOMENTS:
                 flat = shard.flatten([state[name][key] for name, _ in shard.named])

@@ -128,109 +128,194 @@ def collective_time(nbytes: float, span: GroupSpan, device: Device, calls: float
     return nbytes / (bandwidth * COLLECTIVE_EFFICIENCY) + latency
 
 
+
+# ---- one layer, one micro-batch ----------------------------------------------------------------
+
+
 @dataclass
 class LayerCost:
-    """One layer, one micro-batch, one rank: times (s), bytes sent, saved activation bytes."""
+    """One layer, one micro-batch, one rank: seconds, bytes sent per family, saved activations."""
 
     compute: float = 0.0
-    attention_core: float = 0.0
-    comm: dict[str, float] = field(default_factory=dict)  # family -> seconds (not yet hidden)
-    sent: dict[str, float] = field(default_factory=dict)  # family -> bytes
-    activations: float = 0.0
+    attention_core: float = 0.0  # the part cp's key/value exchange can hide behind
+    comm: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0.0))
+    sent: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0.0))
+    activations: float = 0.0  # bytes kept for the backward
+
+    def add(self, other: LayerCost) -> LayerCost:
+        total = LayerCost(
+            compute=self.compute + other.compute,
+            attention_core=self.attention_core + other.attention_core,
+            activations=self.activations + other.activations,
+        )
+        for family in FAMILIES:
+            total.comm[family] = self.comm[family] + other.comm[family]
+            total.sent[family] = self.sent[family] + other.sent[family]
+        return total
 
 
-def _layer_costs(w: Workload, c: Candidate, spans: dict[str, GroupSpan],
-                 device: Device) -> tuple[LayerCost, LayerCost]:
-    """(dense layer, MoE layer) costs; both include the attention block."""
-    m, moe, bytes_ = w.model, w.moe, w.act_bytes
-    hd = m.resolved_head_dim
-    q = c.micro_batch * w.seq_len / c.cp
-    t = q / c.tp
-    passes = 4 if c.recompute else 3  # forward, two backward GEMMs, (replayed forward)
-    fwd_passes = 2 if c.recompute else 1
+class _Layer:
+    """Shapes and helpers shared by the blocks of one (workload, candidate, device)."""
 
-    def gemms(shapes: list[tuple[float, float, float]]) -> float:
-        return passes * sum(gemm_time(a, b, k, device) for a, b, k in shapes)
+    def __init__(self, w: Workload, c: Candidate, spans: dict[str, GroupSpan], device: Device):
+        self.w, self.c, self.spans, self.device = w, c, spans, device
+        self.bytes = w.act_bytes
+        self.q = c.micro_batch * w.seq_len / c.cp  # tokens a tp group computes on
+        self.t = self.q / c.tp  # tokens this rank holds
+        self.forwards = 2 if c.recompute else 1  # recompute replays the forward
+        self.passes = self.forwards + 2  # each GEMM: forward(s) and two backward GEMMs
 
-    def ring(family: str, nbytes: float, calls: int) -> tuple[float, float]:
-        span = spans[family]
+    def gemms(self, shapes: list[tuple[float, float, float]]) -> float:
+        return self.passes * sum(gemm_time(m, n, k, self.device) for m, n, k in shapes)
+
+    def finish(self, cost: LayerCost, ops: float) -> LayerCost:
+        """Add memory-bound elementwise work and per-op overhead to `cost`."""
+        elementwise = ELEMENTWISE_PASSES * cost.activations / self.device.memory_bandwidth
+        cost.compute += elementwise + ops * self.device.op_overhead
+        return cost
+
+    def ring(self, cost: LayerCost, family: str, nbytes: float, calls: int) -> None:
+        """`calls` ring collectives (all-gather or reduce-scatter) of `nbytes` gathered each."""
+        span = self.spans[family]
         sent = nbytes * (span.size - 1) / span.size * calls
-        return sent, collective_time(sent, span, device, calls)
+        cost.sent[family] += sent
+        cost.comm[family] += collective_time(sent, span, self.device, calls)
 
-    attn = LayerCost()
-    core = passes * gemm_time(q, w.seq_len, hd, device) * m.heads / c.tp / 2 * 2
-    attn.attention_core = core
-    attn.compute = core + gemms([(q, (m.heads + 2 * m.kv_heads) * hd / c.tp, m.hidden),
-                                 (q, m.hidden, m.heads * hd / c.tp)])
-    attn.activations = bytes_ * t * (2 * m.hidden + (2 * m.heads + 2 * m.kv_heads) * hd)
-    # tp: all-gather before and reduce-scatter after each tp region, mirrored in backward
-    tp_sent, tp_time = ring("tp", bytes_ * q * m.hidden, 2 * (passes - 1 + fwd_passes) // 2 * 2)
-    kv = bytes_ * q * 2 * m.kv_heads * hd / c.tp
-    cp_sent, cp_time = ring("cp", kv * c.cp, fwd_passes + 1)
-    attn.comm = {"tp": tp_time, "cp": cp_time}
-    attn.sent = {"tp": tp_sent, "cp": cp_sent}
-    attn.compute += _elementwise(attn.activations, device) + OPS_ATTENTION * device.op_overhead
-
-    dense = _with_mlp(attn, c, device, bytes_, q, t, m.hidden, m.ffn_hidden, gemms, tp_time,
-                      tp_sent, OPS_DENSE_MLP)
-    if not moe.enabled:
-        return dense, dense
-    routed = _routed(w, c, spans, device, t, gemms, passes, fwd_passes)
-    moe_layer = _with_mlp(attn, c, device, bytes_, q, t, m.hidden, moe.shared_ffn_hidden, gemms,
-                          tp_time, tp_sent, 0)
-    moe_layer.compute += routed.compute
-    moe_layer.activations += routed.activations
-    for family in ("ep", "etp"):
-        moe_layer.comm[family] = routed.comm[family]
-        moe_layer.sent[family] = routed.sent[family]
-    return dense, moe_layer
+    def tp_region(self, cost: LayerCost) -> None:
+        """Sequence parallelism: all-gather in, reduce-scatter out; mirrored in the backward."""
+        self.ring(cost, "tp", self.bytes * self.q * self.w.model.hidden, 2 * (self.forwards + 1))
 
 
-def _elementwise(activation_bytes: float, device: Device) -> float:
-    return ELEMENTWISE_PASSES * activation_bytes / device.memory_bandwidth
+def _attention(x: _Layer) -> LayerCost:
+    m, c = x.w.model, x.c
+    hd = m.resolved_head_dim
+    cost = LayerCost()
+    cost.attention_core = x.passes * gemm_time(x.q, x.w.seq_len, hd, x.device) * m.heads / c.tp
+    qkv = (x.q, (m.heads + 2 * m.kv_heads) * hd / c.tp, m.hidden)
+    cost.compute = cost.attention_core + x.gemms([qkv, (x.q, m.hidden, m.heads * hd / c.tp)])
+    # norm input, qkv input (sequence-sharded), q/k/v, attention output
+    cost.activations = x.bytes * x.t * (2 * m.hidden + (2 * m.heads + 2 * m.kv_heads) * hd)
+    x.tp_region(cost)
+    # context parallel: all-gather k and v over cp, reduce-scatter their gradients
+    x.ring(cost, "cp", x.bytes * x.q * c.cp * m.kv_heads * hd / c.tp, 2 * (x.forwards + 1))
+    return x.finish(cost, OPS_ATTENTION)
 
 
-def _with_mlp(attn: LayerCost, c: Candidate, device: Device, bytes_: int, q: float, t: float,
-              hidden: int, ffn: int, gemms, tp_time: float, tp_sent: float,
-              ops: int) -> LayerCost:
-    """The attention block plus a tp-sharded SwiGLU MLP of width `ffn` (0 = none)."""
-    out = LayerCost(compute=attn.compute, attention_core=attn.attention_core,
-                    comm=dict(attn.comm), sent=dict(attn.sent),
-                    activations=attn.activations + bytes_ * t * 2 * hidden)
-    out.compute += 2 * hidden * bytes_ * t * ELEMENTWISE_PASSES / device.memory_bandwidth
-    if ffn == 0:
-        return out
-    activations = bytes_ * (t * hidden + q * 3 * ffn / c.tp)
-    out.compute += gemms([(q, 2 * ffn / c.tp, hidden), (q, hidden, ffn / c.tp)])
-    out.compute += _elementwise(activations, device) + ops * device.op_overhead
-    out.activations += activations
-    out.comm["tp"] += tp_time
-    out.sent["tp"] += tp_sent
-    return out
+def _mlp(x: _Layer, ffn: int, ops: int) -> LayerCost:
+    """A tp-sharded SwiGLU MLP (the dense MLP or the shared expert) with its norm input."""
+    hidden, tp = x.w.model.hidden, x.c.tp
+    cost = LayerCost(activations=x.bytes * x.t * hidden)  # the norm's input
+    if ffn:
+        cost.compute = x.gemms([(x.q, 2 * ffn / tp, hidden), (x.q, hidden, ffn / tp)])
+        cost.activations += x.bytes * (x.t * hidden + x.q * 3 * ffn / tp)
+        x.tp_region(cost)
+    return x.finish(cost, ops)
 
 
-def _routed(w: Workload, c: Candidate, spans: dict[str, GroupSpan], device: Device, t: float,
-            gemms, passes: int, fwd_passes: int) -> LayerCost:
-    """Router, dispatch, routed experts and combine of one MoE layer."""
-    m, moe, bytes_ = w.model, w.moe, w.act_bytes
+def _routed(x: _Layer) -> LayerCost:
+    """Router, dispatch over ep (+ gather over etp), the local experts, combine."""
+    m, moe, c = x.w.model, x.w.moe, x.c
     local_experts = moe.num_experts // c.ep
-    rows = t * moe.topk * w.expert_load  # rows this rank sends (and, on average, receives)
+    rows = x.t * moe.topk * x.w.expert_load  # rows this rank sends, and receives on average
     rows_per_expert = rows * c.etp / local_experts
     width = moe.ffn_hidden / c.etp
-    out = LayerCost()
-    expert_gemms = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
-    out.compute = gemms([(t, moe.num_experts, m.hidden)]) + local_experts * gemms(expert_gemms)
-    out.activations = bytes_ * (2 * t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
-    grouped = device.gemm_efficiency < 1.0  # GPU runtimes use one grouped GEMM for all experts
+    cost = LayerCost()
+    experts = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
+    cost.compute = x.gemms([(x.t, moe.num_experts, m.hidden)]) + local_experts * x.gemms(experts)
+    # router input, expert inputs (after the etp gather), gate/up, activation, outputs
+    cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
+    calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
+    ep_span = x.spans["ep"]
+    ep_sent = x.bytes * rows * m.hidden * (ep_span.size - 1) / ep_span.size * calls
+    cost.sent["ep"] = ep_sent
+    # each exchange is preceded by a count exchange: two calls' latency
+    cost.comm["ep"] = collective_time(ep_sent, ep_span, x.device, 2 * calls, all_to_all=True)
+    x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
-    ops += 0 if grouped else OPS_PER_LOCAL_EXPERT * local_experts
-    out.compute += _elementwise(out.activations, device) + ops * device.op_overhead
-    calls = 2 * (fwd_passes + 1)  # dispatch + combine, forward(s) and backward
-    ep_span = spans["ep"]
-    ep_sent = bytes_ * rows * m.hidden * (ep_span.size - 1) / ep_span.size * calls
-    ep_time = collective_time(ep_sent, ep_span, device, calls * 2, all_to_all=True)
-    etp_sent = bytes_ * rows * m.hidden * (c.etp - 1) * calls
-    etp_time = collective_time(etp_sent, spans["etp"], device, calls)
-    out.comm = {"ep": ep_time, "etp": etp_time}
-    out.sent = {"ep": ep_sent, "etp": etp_sent}
-    return out
+    if not x.device.overlap:  # CPU: moefold loops over local experts; GPUs use a grouped GEMM
+        ops += OPS_PER_LOCAL_EXPERT * local_experts
+    return x.finish(cost, ops)
+
+
+def layer_costs(w: Workload, c: Candidate, spans: dict[str, GroupSpan],
+                device: Device) -> tuple[LayerCost, LayerCost]:
+    """(dense layer, MoE layer) per micro-batch; each includes its attention block."""
+    x = _Layer(w, c, spans, device)
+    attention = _attention(x)
+    dense = attention.add(_mlp(x, w.model.ffn_hidden, OPS_DENSE_MLP))
+    if not w.moe.enabled:
+        return dense, dense
+    moe = attention.add(_mlp(x, w.moe.shared_ffn_hidden, 0)).add(_routed(x))
+    return dense, moe
+
+
+def head_cost(w: Workload, c: Candidate, spans: dict[str, GroupSpan], device: Device) -> LayerCost:
+    """Final norm, vocab-parallel LM head and the loss, on the last pipeline stage."""
+    x = _Layer(w, c, spans, device)
+    cost = LayerCost()
+    cost.compute = 3 * gemm_time(x.q, w.model.vocab_size / c.tp, w.model.hidden, device)
+    cost.activations = x.bytes * x.t * w.model.hidden + _logits_bytes(w, c)
+    x.tp_region(cost)
+    return x.finish(cost, 20)
+
+
+def _logits_bytes(w: Workload, c: Candidate) -> float:
+    """Logits of one micro-batch, their fp32 copy for the loss and its gradient."""
+    tokens = c.micro_batch * w.seq_len / c.cp
+    return tokens * w.model.vocab_size / c.tp * (w.act_bytes + 8)
+
+
+# ---- what each pipeline rank holds -------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def rank_layers(num_layers: int, pp: int, vpp: int, moe_flags: tuple[bool, ...]) -> tuple:
+    """((dense layers, MoE layers) of each pp rank); rank r holds virtual stages r, r+pp, ..."""
+    per_chunk = num_layers // (pp * vpp)
+    counts = []
+    for rank in range(pp):
+        layers = [
+            index
+            for chunk in range(vpp)
+            for index in range((chunk * pp + rank) * per_chunk, (chunk * pp + rank + 1) * per_chunk)
+        ]
+        num_moe = sum(moe_flags[i] for i in layers)
+        counts.append((len(layers) - num_moe, num_moe))
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    """Parameters one rank holds, by gradient family."""
+
+    dense: float  # reduced over dp x cp
+    expert: float  # reduced over edp
+
+
+def local_params(w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool,
+                 last: bool) -> LocalParams:
+    """Parameters of a rank with these layers; vocab-parallel embedding and head (Megatron)."""
+    m, moe = w.model, w.moe
+    hd = m.resolved_head_dim
+    attention = (m.hidden * (m.heads + 2 * m.kv_heads) * hd + m.heads * hd * m.hidden) / c.tp
+    if m.attn_bias:
+        attention += (m.heads + 2 * m.kv_heads) * hd / c.tp
+    norms = 2 * m.hidden + (2 * hd if m.qk_norm else 0)
+    dense_layer = attention + norms + 3 * m.hidden * m.ffn_hidden / c.tp
+    moe_dense = attention + norms + moe.num_experts * m.hidden
+    moe_dense += 3 * m.hidden * moe.shared_ffn_hidden / c.tp + (m.hidden if moe.shared_gate else 0)
+    experts = moe.num_experts / c.ep * 3 * m.hidden * moe.ffn_hidden / c.etp
+    dense = num_dense * dense_layer + num_moe * moe_dense
+    tables = m.vocab_size * m.hidden / c.tp
+    dense += (tables if first else 0) + (tables + m.hidden if last and not m.tie_embeddings else 0)
+    return LocalParams(dense=dense, expert=num_moe * experts)
+
+
+def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
+    """Micro-batches whose activations rank `rank` holds at its peak (1F1B / interleaved)."""
+    if c.pp == 1:
+        return 1.0
+    if c.vpp == 1:
+        return float(min(num_microbatches, c.pp - rank))
+    chunks = (c.pp - rank - 1) * 2 + (c.vpp - 1) * c.pp + 1  # Megatron's warm-up + 1
+    return min(num_microbatches * c.vpp, chunks) / c.vpp
