@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Shard
 
 from moefold.parallel.data_parallel import parameter_shards
@@ -198,7 +199,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -
     state = training_state(model, optimizer, groups)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as error:  # DCP raises many types for truncated or corrupt files
+    # DCP raises many types for truncated or corrupt files; its CheckpointException derives
+    # from BaseException, so it is named here explicitly.
+    except (Exception, CheckpointException) as error:
         raise CheckpointError(
             f"{path}: could not be read ({type(error).__name__}: {error}); "
             "use an older checkpoint or checkpoint.resume=auto"

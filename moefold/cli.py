@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from moefold.config import ConfigError, check_job, load_job
+from moefold.interop.commands import add_convert_parser, add_upcycle_parser
 from moefold.parallel.layout import ParallelLayout
 
 
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_arguments(train)
     train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     train.add_argument("--nproc", type=int, default=1, help="launch N local ranks (torchrun)")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="with --nproc: restart all ranks up to K times after a failure "
+                       "(torchrun elastic); the run resumes from its newest checkpoint")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or run folder")
@@ -40,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=40)
     gen.add_argument("--seed", type=int, default=0)
+    add_convert_parser(sub)
+    add_upcycle_parser(sub)
     return parser
 
 
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(generate_from_checkpoint(args))
             return 0
+        if args.command in ("convert", "upcycle"):
+            return args.run(args)
     except ConfigError as error:
         print(f"moefold: config error: {error}", file=sys.stderr)
         return 2
@@ -68,8 +76,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     job = load_job(args.config, args.overrides)
     ParallelLayout.from_config(job.parallel, world_size)  # the most precise layout messages
     check_job(job, world_size)  # every config error surfaces before a process group starts
-    if args.nproc > 1 and "RANK" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc, argv)
+    if (args.nproc > 1 or args.max_restarts) and "RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc, args.max_restarts, argv)
     out_dir = Path(args.out or Path("runs") / Path(args.config).stem)
     from moefold.train.launch import run_training
 
@@ -77,21 +85,23 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """`--nproc N` convenience: the same command under torchrun on this machine."""
+def _relaunch_with_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
+    """`--nproc N [--max-restarts K]`: the same command under torchrun on this machine."""
+    launcher_flags = ("--nproc", "--max-restarts")
     rest, skip = [], False
-    for i, item in enumerate(argv):
+    for item in argv:
         if skip:
             skip = False
             continue
-        if item == "--nproc":
+        if item in launcher_flags:
             skip = True
             continue
-        if item.startswith("--nproc="):
+        if item.startswith(tuple(f"{flag}=" for flag in launcher_flags)):
             continue
         rest.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "moefold", *rest]
+               f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+               "-m", "moefold", *rest]
     return subprocess.call(command)
 
 

@@ -214,6 +214,8 @@ class TrainConfig:
     eval_every: int = 0  # validation every n steps (0 = only at the end)
     eval_batches: int = 4  # validation micro-batches per evaluation
     log_every: int = 1  # console progress every n steps
+    nonfinite: Literal["skip", "stop"] = "skip"  # NaN/Inf loss or grad: skip the step, or save and stop
+    max_skipped_steps: int = 10  # with nonfinite='skip': stop after this many skipped steps
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_batches"):
@@ -229,6 +231,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
         _require(
             self.global_batch % self.micro_batch == 0,
             "train.global_batch",

@@ -146,24 +146,21 @@ def upcycled_moe_config(
     )
 
 
-def _scale(spec: UpcycleSpec, matrix: str) -> float:
-    return weight_scales(spec.scaling, activation_scale(spec))[matrix]
-
-
-def expand_in_proj(weight_FD: torch.Tensor, spec: UpcycleSpec, matrix: str) -> torch.Tensor:
-    """Dense gate or up weight [F, D] (nn.Linear layout) -> experts [E, D, Fe]; expert j holds
-    FFN shard j mod G, scaled by the rule's factor for `matrix` ("gate" or "up")."""
+def expand_in_proj(weight_FD: torch.Tensor, spec: UpcycleSpec, scale: float) -> torch.Tensor:
+    """Dense gate or up weight [F, D] (nn.Linear layout) -> experts [E, D, Fe] times `scale`;
+    expert j holds FFN shard j mod G."""
     G, E = spec.granularity, spec.num_experts
     F, D = weight_FD.shape
-    shards_GDFe = weight_FD.reshape(G, F // G, D).transpose(1, 2) * _scale(spec, matrix)
+    shards_GDFe = weight_FD.reshape(G, F // G, D).transpose(1, 2) * scale
     return shards_GDFe.repeat(E // G, 1, 1).contiguous()
 
 
-def expand_down_proj(weight_DF: torch.Tensor, spec: UpcycleSpec) -> torch.Tensor:
-    """Dense down weight [D, F] -> experts [E, Fe, D]; the columns of shard j mod G, scaled."""
+def expand_down_proj(weight_DF: torch.Tensor, spec: UpcycleSpec, scale: float) -> torch.Tensor:
+    """Dense down weight [D, F] -> experts [E, Fe, D] times `scale`: the columns of shard
+    j mod G."""
     G, E = spec.granularity, spec.num_experts
     D, F = weight_DF.shape
-    shards_GFeD = weight_DF.reshape(D, G, F // G).permute(1, 2, 0) * _scale(spec, "down")
+    shards_GFeD = weight_DF.reshape(D, G, F // G).permute(1, 2, 0) * scale
     return shards_GFeD.repeat(E // G, 1, 1).contiguous()
 
 
@@ -185,6 +182,7 @@ def upcycle_tensors(
     emitted with the gate projection. Every other tensor passes through unchanged. One dense
     tensor is expanded at a time, so the full MoE never has to sit in memory.
     """
+    scales = weight_scales(spec.scaling, activation_scale(spec))
     for name, tensor in dense:
         match = _DENSE_MLP.match(name)
         if match is None:
@@ -195,7 +193,17 @@ def upcycle_tensors(
         if matrix == "gate_proj":
             router = f"{prefix}.router.weight"
             yield router, upcycled_router(router, tensor.shape[1], spec).to(tensor.dtype)
+        scale = scales[matrix.removesuffix("_proj")]
         if matrix == "down_proj":
-            yield f"{prefix}.experts.down_proj", expand_down_proj(tensor, spec)
+            yield f"{prefix}.experts.down_proj", expand_down_proj(tensor, spec, scale)
         else:
-            yield f"{prefix}.experts.{matrix}", expand_in_proj(tensor, spec, matrix[:-5])
+            yield f"{prefix}.experts.{matrix}", expand_in_proj(tensor, spec, scale)
+
+
+def upcycle_model(dense: torch.nn.Module, spec: UpcycleSpec) -> torch.nn.Module:
+    """A new single-process MoE Transformer upcycled from a dense one (both in memory)."""
+    from moefold.model.transformer import Transformer
+
+    moe = Transformer(dense.cfg, upcycled_moe_config(dense.cfg, spec, dense.moe_cfg))
+    moe.load_state_dict(dict(upcycle_tensors(dense.state_dict().items(), spec)))
+    return moe.to(next(dense.parameters()).dtype)

@@ -72,6 +72,9 @@ class ReplicatedAdamW:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_bytes(self) -> int:
@@ -200,9 +203,14 @@ class ShardedAdamW:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         for shard, _ in self.shards:
             shard.all_gather_params(self.groups.comm_stats)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for _, param in self.model.named_parameters():
+            param.grad = None
 
     def state_bytes(self) -> int:
         masters = sum(s.master.numel() * s.master.element_size() for s, _ in self.shards)

@@ -62,6 +62,19 @@ class GroupSpan:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Topology:
+    """Node placement of every communicating family of one layout (see search.topology)."""
+
+    tp: GroupSpan
+    cp: GroupSpan
+    dp: GroupSpan  # dense gradients: dp x cp
+    ep: GroupSpan
+    etp: GroupSpan
+    edp: GroupSpan
+    pp: GroupSpan  # a rank and its next pipeline stage
+
+
+@dataclass(frozen=True, kw_only=True)
 class Workload:
     """What is trained: the model, the step shape and the dtype."""
 
@@ -157,8 +170,8 @@ class LayerCost:
 class _Layer:
     """Shapes and helpers shared by the blocks of one (workload, candidate, device)."""
 
-    def __init__(self, w: Workload, c: Candidate, spans: dict[str, GroupSpan], device: Device):
-        self.w, self.c, self.spans, self.device = w, c, spans, device
+    def __init__(self, w: Workload, c: Candidate, topo: Topology, device: Device):
+        self.w, self.c, self.topo, self.device = w, c, topo, device
         self.bytes = w.act_bytes
         self.q = c.micro_batch * w.seq_len / c.cp  # tokens a tp group computes on
         self.t = self.q / c.tp  # tokens this rank holds
@@ -176,7 +189,7 @@ class _Layer:
 
     def ring(self, cost: LayerCost, family: str, nbytes: float, calls: int) -> None:
         """`calls` ring collectives (all-gather or reduce-scatter) of `nbytes` gathered each."""
-        span = self.spans[family]
+        span = getattr(self.topo, family)
         sent = nbytes * (span.size - 1) / span.size * calls
         cost.sent[family] += sent
         cost.comm[family] += collective_time(sent, span, self.device, calls)
@@ -225,7 +238,7 @@ def _routed(x: _Layer) -> LayerCost:
     # router input, expert inputs (after the etp gather), gate/up, activation, outputs
     cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
     calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
-    ep_span = x.spans["ep"]
+    ep_span = x.topo.ep
     ep_sent = x.bytes * rows * m.hidden * (ep_span.size - 1) / ep_span.size * calls
     cost.sent["ep"] = ep_sent
     # each exchange is preceded by a count exchange: two calls' latency
@@ -237,10 +250,10 @@ def _routed(x: _Layer) -> LayerCost:
     return x.finish(cost, ops)
 
 
-def layer_costs(w: Workload, c: Candidate, spans: dict[str, GroupSpan],
+def layer_costs(w: Workload, c: Candidate, topo: Topology,
                 device: Device) -> tuple[LayerCost, LayerCost]:
     """(dense layer, MoE layer) per micro-batch; each includes its attention block."""
-    x = _Layer(w, c, spans, device)
+    x = _Layer(w, c, topo, device)
     attention = _attention(x)
     dense = attention.add(_mlp(x, w.model.ffn_hidden, OPS_DENSE_MLP))
     if not w.moe.enabled:
@@ -249,9 +262,9 @@ def layer_costs(w: Workload, c: Candidate, spans: dict[str, GroupSpan],
     return dense, moe
 
 
-def head_cost(w: Workload, c: Candidate, spans: dict[str, GroupSpan], device: Device) -> LayerCost:
+def head_cost(w: Workload, c: Candidate, topo: Topology, device: Device) -> LayerCost:
     """Final norm, vocab-parallel LM head and the loss, on the last pipeline stage."""
-    x = _Layer(w, c, spans, device)
+    x = _Layer(w, c, topo, device)
     cost = LayerCost()
     cost.compute = 3 * gemm_time(x.q, w.model.vocab_size / c.tp, w.model.hidden, device)
     cost.activations = x.bytes * x.t * w.model.hidden + _logits_bytes(w, c)
@@ -319,3 +332,169 @@ def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
         return float(min(num_microbatches, c.pp - rank))
     chunks = (c.pp - rank - 1) * 2 + (c.vpp - 1) * c.pp + 1  # Megatron's warm-up + 1
     return min(num_microbatches * c.vpp, chunks) / c.vpp
+
+
+# ---- the step ----------------------------------------------------------------------------------
+
+OPTIMIZER_BYTES = 32  # bytes read + written per parameter of the optimizer shard (Adam)
+
+
+@lru_cache(maxsize=8192)
+def _cached_layers(w: Workload, c: Candidate, topo: Topology, device: Device) -> tuple:
+    return (*layer_costs(w, c, topo, device), head_cost(w, c, topo, device))
+
+
+def _layer_key(c: Candidate) -> Candidate:
+    """The candidate with the fields per-layer costs do not depend on normalised (cache key)."""
+    return Candidate(tp=c.tp, cp=c.cp, pp=1, vpp=1, dp=1, ep=c.ep, etp=c.etp, edp=1,
+                     micro_batch=c.micro_batch, recompute=c.recompute,
+                     distributed_optimizer=False, folded=c.folded)
+
+
+def _param_bytes(w: Workload) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer-state) bytes per parameter before sharding."""
+    return (2, 4, 12) if w.dtype == "bf16" else (4, 4, 8)
+
+
+@dataclass
+class _Rank:
+    """One pipeline rank's per-micro-batch time split and its memory."""
+
+    cost: LayerCost
+    params: LocalParams
+    exposed: dict[str, float]
+    micro_batch_time: float
+    memory: dict[str, float]
+
+
+def _rank(w: Workload, c: Candidate, topo: Topology, device: Device, rank: int,
+          num_microbatches: int) -> _Rank:
+    dense, moe, head = _cached_layers(w, _layer_key(c), topo, device)
+    num_dense, num_moe = rank_layers(w.model.layers, c.pp, c.vpp, _moe_flags(w))[rank]
+    first, last = rank == 0, rank == c.pp - 1
+    cost = LayerCost()
+    for layer, count in ((dense, num_dense), (moe, num_moe)):
+        for _ in range(count):
+            cost = cost.add(layer)
+    if last:
+        cost = cost.add(head)
+    exposed = dict(cost.comm)
+    if device.overlap:
+        exposed["tp"] *= 1 - TP_OVERLAP
+        exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
+    # pipeline: each virtual stage sends its output forward and receives a gradient back
+    p2p = 2 * c.vpp * w.act_bytes * c.micro_batch * w.seq_len / (c.cp * c.tp) * w.model.hidden
+    exposed["pp"] = 0.0
+    if c.pp > 1:
+        cost.sent["pp"] = p2p
+        p2p_time = collective_time(p2p, GroupSpan(2, topo.pp.nodes, topo.pp.off_node), device,
+                                   2 * c.vpp)
+        exposed["pp"] = 0.0 if device.overlap and c.vpp > 1 else p2p_time
+    time_mb = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
+    params = local_params(w, c, num_dense, num_moe, first, last)
+    memory = _memory(w, c, device, rank, cost, params, num_dense + num_moe, (dense, moe),
+                     num_microbatches)
+    return _Rank(cost, params, exposed, time_mb, memory)
+
+
+@lru_cache(maxsize=64)
+def _moe_flags(w: Workload) -> tuple[bool, ...]:
+    return tuple(w.moe.is_moe_layer(i) for i in range(w.model.layers))
+
+
+def _memory(w: Workload, c: Candidate, device: Device, rank: int, cost: LayerCost,
+            params: LocalParams, num_layers: int, layers: tuple, num_microbatches: int) -> dict:
+    weight, grad, state = _param_bytes(w)
+    dense_shard = c.dp * c.cp if c.distributed_optimizer else 1
+    expert_shard = c.edp if c.distributed_optimizer else 1
+    total_params = params.dense + params.expert
+    held = in_flight(c, rank, num_microbatches)
+    largest_layer = max(layer.activations for layer in layers)
+    if c.recompute:  # keep each layer's input; the replayed layer is the extra workspace
+        last_extra = _logits_bytes(w, c) if rank == c.pp - 1 else 0.0
+        inputs = num_layers * w.act_bytes * c.micro_batch * w.seq_len / (c.cp * c.tp)
+        activations = held * (inputs + last_extra) + 2 * largest_layer * (num_layers > 0)
+    else:
+        activations = held * cost.activations + largest_layer * (num_layers > 0)
+    rows = c.micro_batch * w.seq_len / (c.cp * c.tp) * w.moe.topk * w.expert_load
+    dispatcher = 2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0
+    memory = {
+        "weights": weight * total_params,
+        "gradients": grad * total_params,
+        "optimizer": state * (params.dense / dense_shard + params.expert / expert_shard),
+        "activations": activations,
+        "dispatcher": dispatcher,
+        "runtime": device.runtime_memory_bytes,
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def _data_parallel(w: Workload, c: Candidate, topo: Topology, device: Device,
+                   slowest: _Rank) -> tuple[dict[str, float], dict[str, float]]:
+    """Exposed seconds and bytes sent of the dense (dp) and expert (edp) gradient sync."""
+    weight, grad, _ = _param_bytes(w)
+    reduce_time, gather_time, sent = {}, {}, {}
+    for family, count in (("dp", slowest.params.dense), ("edp", slowest.params.expert)):
+        span = getattr(topo, family)
+        share = (span.size - 1) / span.size
+        if c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
+            grads, weights = share * count * grad, share * count * weight
+        else:  # all-reduce grads
+            grads, weights = 2 * share * count * grad, 0.0
+        reduce_time[family] = collective_time(grads, span, device, 1)
+        gather_time[family] = collective_time(weights, span, device, 1)
+        sent[family] = grads + weights
+    exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
+    if device.overlap:  # hidden behind the last backward and the first forward micro-batch
+        compute = slowest.cost.compute
+        hidden_reduce = min(sum(reduce_time.values()), compute * 2 / 3)
+        hidden_gather = min(sum(gather_time.values()), compute / 3)
+        for family in exposed:
+            total = reduce_time[family] + gather_time[family]
+            share = total / max(sum(exposed.values()), 1e-30)
+            exposed[family] = max(0.0, total - share * (hidden_reduce + hidden_gather))
+    return exposed, sent
+
+
+def estimate(w: Workload, c: Candidate, topo: Topology, device: Device) -> Estimate:
+    """Predicted step time, its split, memory per rank, tokens/s and MFU of `c`."""
+    num_microbatches = w.global_batch // (c.dp * c.micro_batch)
+    ranks = [_rank(w, c, topo, device, r, num_microbatches) for r in _ranks_to_check(w, c)]
+    slowest = max(ranks, key=lambda r: r.micro_batch_time)
+    fullest = max(ranks, key=lambda r: r.memory["total"])
+    dp_exposed, dp_sent = _data_parallel(w, c, topo, device, slowest)
+    m = num_microbatches
+    time = {"compute": m * slowest.cost.compute}
+    for family in ("tp", "cp", "ep", "etp", "pp"):
+        time[family] = m * slowest.exposed[family]
+    time.update(dp_exposed)
+    time["bubble"] = (c.pp - 1) / c.vpp * slowest.micro_batch_time
+    shard = slowest.params.dense / (c.dp * c.cp if c.distributed_optimizer else 1)
+    shard += slowest.params.expert / (c.edp if c.distributed_optimizer else 1)
+    time["optimizer"] = shard * OPTIMIZER_BYTES / device.memory_bandwidth
+    step = sum(time.values())
+    time["total"] = step
+    sent = {f: m * slowest.cost.sent[f] for f in ("tp", "cp", "ep", "etp", "pp")}
+    sent.update(dp_sent)
+    tokens = w.global_batch * w.seq_len
+    world = c.dp * c.cp * c.tp * c.pp
+    flops = flops_per_token(w.model, w.moe, w.seq_len) * tokens
+    return Estimate(
+        candidate=c, time=time, memory=fullest.memory, comm_bytes=sent, step_time=step,
+        tokens_per_s=tokens / step, mfu=flops / step / (world * device.peak_flops),
+        fits=fullest.memory["total"] <= device.memory_bytes,
+    )
+
+
+def _ranks_to_check(w: Workload, c: Candidate) -> list[int]:
+    """The first rank (most activations, the embedding), the last (the head) and one rank of
+    every other mix of dense and MoE layers."""
+    counts = rank_layers(w.model.layers, c.pp, c.vpp, _moe_flags(w))
+    chosen = {0, c.pp - 1}
+    seen = {counts[0], counts[-1]}
+    for rank, mix in enumerate(counts):
+        if mix not in seen:
+            seen.add(mix)
+            chosen.add(rank)
+    return sorted(chosen)

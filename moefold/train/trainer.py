@@ -10,7 +10,6 @@ the result equals the single-process gradient.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moefold.checkpoint import (
+    CheckpointError,
     check_model_config,
+    is_intact,
+    list_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -78,6 +80,7 @@ class Trainer:
             layer.router.aux_grad_scale = 1.0 / self.num_microbatches
         self.runner = self._build_runner(stages)
         self.step = 0
+        self.skipped_steps = 0
         self.tokens_per_step = train.global_batch * train.seq_len
         self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
         dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
@@ -120,7 +123,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
         loss_sum = self.compute_gradients()
-        grad_norm = self.apply_gradients()
+        grad_norm = self.apply_gradients(loss_sum)
         return self.step_metrics(loss_sum, grad_norm, started)
 
     def compute_gradients(self) -> torch.Tensor:
@@ -137,13 +140,46 @@ class Trainer:
         self.optimizer.reduce_gradients()
         return loss_sum
 
-    def apply_gradients(self) -> torch.Tensor:
-        """Clip, optimizer step at this step's learning rate, expert-bias update."""
+    def apply_gradients(self, loss_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip, optimizer step at this step's learning rate, expert-bias update.
+
+        A non-finite loss or gradient norm (the norm is global, so every rank agrees) never
+        reaches the weights: the step is skipped (train.nonfinite='skip', counted in
+        `skipped_steps`) or the run saves the last good state and stops ('stop').
+        """
         grad_norm = self.clip_gradients()
-        self.optimizer.step(lr_at(self.step, self.job.train))
-        self.update_expert_bias()
+        if not self._finite(grad_norm, loss_sum):
+            self.handle_nonfinite(grad_norm)
+        else:
+            self.optimizer.step(lr_at(self.step, self.job.train))
+            self.update_expert_bias()
         self.step += 1
         return grad_norm
+
+    def _finite(self, grad_norm: torch.Tensor, loss_sum: torch.Tensor | None) -> bool:
+        flag = torch.tensor([float(torch.isfinite(grad_norm))])
+        if loss_sum is not None:  # only the last pipeline stage sees the loss: agree everywhere
+            flag[0] *= float(torch.isfinite(loss_sum))
+            self.all_reduce_min(flag)
+        return bool(flag[0] > 0)
+
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.groups.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def handle_nonfinite(self, grad_norm: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        self.skipped_steps += 1
+        train = self.job.train
+        if train.nonfinite == "stop" or self.skipped_steps > train.max_skipped_steps:
+            self.save()
+            raise FloatingPointError(
+                f"step {self.step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); "
+                f"saved the last good state to {self.checkpoint_root} "
+                f"(skipped {self.skipped_steps} steps; train.nonfinite={train.nonfinite})"
+            )
+        logger.warning("step %d: non-finite gradient norm, step skipped", self.step + 1)
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip by the global norm, which counts every gradient shard exactly once."""
@@ -189,6 +225,7 @@ class Trainer:
             "step_time_s": elapsed,
             "peak_memory_mb": peak_memory_mb(self.device),
             "optimizer_state_mb": self.optimizer.state_bytes() / 2**20,
+            "skipped_steps": self.skipped_steps,
         }
         row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
@@ -215,7 +252,8 @@ class Trainer:
         return float(total) / (train.eval_batches * self.groups.size("tp_cp"))
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "loader": self.loader.state_dict()}
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "loader": self.loader.state_dict()}
 
     def save(self) -> Path:
         return save_checkpoint(
@@ -224,15 +262,30 @@ class Trainer:
         )
 
     def maybe_resume(self) -> Path | None:
-        path = find_resume_checkpoint(self.checkpoint_root, self.job.checkpoint.resume)
-        if path is None:
+        """Resume from checkpoint.resume; with 'auto', the newest checkpoint that loads (a
+        truncated or corrupt one is reported and the next older one is tried)."""
+        resume = self.job.checkpoint.resume
+        if resume == "none":
             return None
+        if resume == "auto":
+            candidates = [p for p in reversed(list_checkpoints(self.checkpoint_root)) if is_intact(p)]
+        else:
+            candidates = [find_resume_checkpoint(self.checkpoint_root, resume)]
         sections = job_to_dict(self.job)
-        check_model_config(path, sections["model"], sections["moe"])
-        state = load_checkpoint(path, self.model, self.optimizer, self.groups)
-        self.step = int(state["step"])
-        self.loader.load_state_dict(state["loader"])
-        return path
+        for path in candidates:
+            check_model_config(path, sections["model"], sections["moe"])
+            try:
+                state = load_checkpoint(path, self.model, self.optimizer, self.groups)
+            except CheckpointError as error:
+                if resume != "auto":
+                    raise
+                print0(self.groups.is_logging_rank, f"moefold: {error}; trying an older one")
+                continue
+            self.step = int(state["step"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.loader.load_state_dict(state["loader"])
+            return path
+        return None
 
     def train(self) -> list[dict[str, Any]]:
         job, log = self.job, self.groups.is_logging_rank
@@ -248,8 +301,6 @@ class Trainer:
                 row["val_loss"] = self.evaluate()
             if self.step == job.train.steps and "val_loss" not in row:
                 row["val_loss"] = self.evaluate()
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"step {self.step}: loss is {row['loss']}")
             writer.write(row)
             rows.append(row)
             progress.update(row)
