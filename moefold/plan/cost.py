@@ -155,6 +155,13 @@ class LayerCost:
     sent: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FAMILIES, 0.0))
     activations: float = 0.0  # bytes kept for the backward
 
+    def scaled(self, factor: float) -> LayerCost:
+        out = LayerCost(compute=self.compute * factor, attention_core=self.attention_core * factor,
+                        activations=self.activations * factor)
+        out.comm = {f: v * factor for f, v in self.comm.items()}
+        out.sent = {f: v * factor for f, v in self.sent.items()}
+        return out
+
     def add(self, other: LayerCost) -> LayerCost:
         total = LayerCost(
             compute=self.compute + other.compute,
@@ -203,7 +210,10 @@ def _attention(x: _Layer) -> LayerCost:
     m, c = x.w.model, x.c
     hd = m.resolved_head_dim
     cost = LayerCost()
-    cost.attention_core = x.passes * gemm_time(x.q, x.w.seq_len, hd, x.device) * m.heads / c.tp
+    # per sequence and head: S/cp queries against all S keys (k and v are gathered over cp)
+    sequences = c.micro_batch * m.heads / c.tp
+    cost.attention_core = x.passes * sequences * gemm_time(x.w.seq_len / c.cp, x.w.seq_len, hd,
+                                                           x.device)
     qkv = (x.q, (m.heads + 2 * m.kv_heads) * hd / c.tp, m.hidden)
     cost.compute = cost.attention_core + x.gemms([qkv, (x.q, m.hidden, m.heads * hd / c.tp)])
     # norm input, qkv input (sequence-sharded), q/k/v, attention output
@@ -339,62 +349,11 @@ def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
 OPTIMIZER_BYTES = 32  # bytes read + written per parameter of the optimizer shard (Adam)
 
 
-@lru_cache(maxsize=8192)
-def _cached_layers(w: Workload, c: Candidate, topo: Topology, device: Device) -> tuple:
-    return (*layer_costs(w, c, topo, device), head_cost(w, c, topo, device))
-
-
 def _layer_key(c: Candidate) -> Candidate:
-    """The candidate with the fields per-layer costs do not depend on normalised (cache key)."""
+    """`c` with the fields per-layer costs do not depend on normalised (a cache key)."""
     return Candidate(tp=c.tp, cp=c.cp, pp=1, vpp=1, dp=1, ep=c.ep, etp=c.etp, edp=1,
                      micro_batch=c.micro_batch, recompute=c.recompute,
                      distributed_optimizer=False, folded=c.folded)
-
-
-def _param_bytes(w: Workload) -> tuple[int, int, int]:
-    """(weight, gradient, optimizer-state) bytes per parameter before sharding."""
-    return (2, 4, 12) if w.dtype == "bf16" else (4, 4, 8)
-
-
-@dataclass
-class _Rank:
-    """One pipeline rank's per-micro-batch time split and its memory."""
-
-    cost: LayerCost
-    params: LocalParams
-    exposed: dict[str, float]
-    micro_batch_time: float
-    memory: dict[str, float]
-
-
-def _rank(w: Workload, c: Candidate, topo: Topology, device: Device, rank: int,
-          num_microbatches: int) -> _Rank:
-    dense, moe, head = _cached_layers(w, _layer_key(c), topo, device)
-    num_dense, num_moe = rank_layers(w.model.layers, c.pp, c.vpp, _moe_flags(w))[rank]
-    first, last = rank == 0, rank == c.pp - 1
-    cost = LayerCost()
-    for layer, count in ((dense, num_dense), (moe, num_moe)):
-        for _ in range(count):
-            cost = cost.add(layer)
-    if last:
-        cost = cost.add(head)
-    exposed = dict(cost.comm)
-    if device.overlap:
-        exposed["tp"] *= 1 - TP_OVERLAP
-        exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
-    # pipeline: each virtual stage sends its output forward and receives a gradient back
-    p2p = 2 * c.vpp * w.act_bytes * c.micro_batch * w.seq_len / (c.cp * c.tp) * w.model.hidden
-    exposed["pp"] = 0.0
-    if c.pp > 1:
-        cost.sent["pp"] = p2p
-        p2p_time = collective_time(p2p, GroupSpan(2, topo.pp.nodes, topo.pp.off_node), device,
-                                   2 * c.vpp)
-        exposed["pp"] = 0.0 if device.overlap and c.vpp > 1 else p2p_time
-    time_mb = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
-    params = local_params(w, c, num_dense, num_moe, first, last)
-    memory = _memory(w, c, device, rank, cost, params, num_dense + num_moe, (dense, moe),
-                     num_microbatches)
-    return _Rank(cost, params, exposed, time_mb, memory)
 
 
 @lru_cache(maxsize=64)
@@ -402,43 +361,90 @@ def _moe_flags(w: Workload) -> tuple[bool, ...]:
     return tuple(w.moe.is_moe_layer(i) for i in range(w.model.layers))
 
 
-def _memory(w: Workload, c: Candidate, device: Device, rank: int, cost: LayerCost,
-            params: LocalParams, num_layers: int, layers: tuple, num_microbatches: int) -> dict:
+def _param_bytes(w: Workload) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer-state) bytes per parameter before sharding."""
+    return (2, 4, 12) if w.dtype == "bf16" else (4, 4, 8)
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """One pipeline rank, one micro-batch: its layers' costs and what of them is exposed."""
+
+    cost: LayerCost
+    exposed: dict[str, float]  # family -> seconds on the critical path
+    time: float  # compute + exposed communication
+    params: LocalParams
+    largest_layer: float  # activation bytes of its largest layer (backward workspace)
+    num_layers: int
+
+
+@lru_cache(maxsize=65536)
+def rank_cost(w: Workload, key: Candidate, topo: Topology, device: Device, pp: int, vpp: int,
+              rank: int) -> RankCost:
+    """Per-micro-batch cost of pipeline rank `rank` (`key` from _layer_key)."""
+    dense, moe = layer_costs(w, key, topo, device)
+    num_dense, num_moe = rank_layers(w.model.layers, pp, vpp, _moe_flags(w))[rank]
+    cost = LayerCost()
+    for layer, count in ((dense, num_dense), (moe, num_moe)):
+        if count:
+            cost = cost.add(layer.scaled(count))
+    last = rank == pp - 1
+    if last:
+        cost = cost.add(head_cost(w, key, topo, device))
+    exposed = dict(cost.comm)
+    if device.overlap:
+        exposed["tp"] *= 1 - TP_OVERLAP
+        exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
+    if pp > 1:  # each virtual stage sends its output on and receives a gradient back
+        p2p = 2 * vpp * w.act_bytes * key.micro_batch * w.seq_len / (key.cp * key.tp)
+        p2p *= w.model.hidden
+        cost.sent["pp"] = p2p
+        span = GroupSpan(2, topo.pp.nodes, topo.pp.off_node)
+        cost.comm["pp"] = collective_time(p2p, span, device, 2 * vpp)
+        # interleaved schedules overlap a chunk's transfers with the next chunk's compute
+        exposed["pp"] = 0.0 if device.overlap and vpp > 1 else cost.comm["pp"]
+    time = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
+    params = local_params(w, key, num_dense, num_moe, rank == 0, last)
+    largest = max(dense.activations if num_dense else 0.0, moe.activations if num_moe else 0.0)
+    return RankCost(cost, exposed, time, params, largest, num_dense + num_moe)
+
+
+def memory(w: Workload, c: Candidate, device: Device, rank: int, rc: RankCost) -> dict:
+    """Bytes one rank holds at its peak, by kind; 'total' is their sum."""
     weight, grad, state = _param_bytes(w)
     dense_shard = c.dp * c.cp if c.distributed_optimizer else 1
     expert_shard = c.edp if c.distributed_optimizer else 1
-    total_params = params.dense + params.expert
-    held = in_flight(c, rank, num_microbatches)
-    largest_layer = max(layer.activations for layer in layers)
+    held = in_flight(c, rank, w.global_batch // (c.dp * c.micro_batch))
+    tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
     if c.recompute:  # keep each layer's input; the replayed layer is the extra workspace
-        last_extra = _logits_bytes(w, c) if rank == c.pp - 1 else 0.0
-        inputs = num_layers * w.act_bytes * c.micro_batch * w.seq_len / (c.cp * c.tp)
-        activations = held * (inputs + last_extra) + 2 * largest_layer * (num_layers > 0)
+        logits = _logits_bytes(w, c) if rank == c.pp - 1 else 0.0
+        inputs = rc.num_layers * w.act_bytes * tokens * w.model.hidden
+        activations = held * (inputs + logits) + 2 * rc.largest_layer
     else:
-        activations = held * cost.activations + largest_layer * (num_layers > 0)
-    rows = c.micro_batch * w.seq_len / (c.cp * c.tp) * w.moe.topk * w.expert_load
-    dispatcher = 2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0
-    memory = {
-        "weights": weight * total_params,
-        "gradients": grad * total_params,
-        "optimizer": state * (params.dense / dense_shard + params.expert / expert_shard),
+        activations = held * rc.cost.activations + rc.largest_layer
+    rows = tokens * w.moe.topk * w.expert_load
+    params = rc.params.dense + rc.params.expert
+    out = {
+        "weights": weight * params,
+        "gradients": grad * params,
+        "optimizer": state * (rc.params.dense / dense_shard + rc.params.expert / expert_shard),
         "activations": activations,
-        "dispatcher": dispatcher,
+        "dispatcher": 2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0,
         "runtime": device.runtime_memory_bytes,
     }
-    memory["total"] = sum(memory.values())
-    return memory
+    out["total"] = sum(out.values())
+    return out
 
 
-def _data_parallel(w: Workload, c: Candidate, topo: Topology, device: Device,
-                   slowest: _Rank) -> tuple[dict[str, float], dict[str, float]]:
-    """Exposed seconds and bytes sent of the dense (dp) and expert (edp) gradient sync."""
+def data_parallel(w: Workload, c: Candidate, topo: Topology, device: Device,
+                  rc: RankCost) -> tuple[dict[str, float], dict[str, float]]:
+    """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) gradients."""
     weight, grad, _ = _param_bytes(w)
     reduce_time, gather_time, sent = {}, {}, {}
-    for family, count in (("dp", slowest.params.dense), ("edp", slowest.params.expert)):
+    for family, count in (("dp", rc.params.dense), ("edp", rc.params.expert)):
         span = getattr(topo, family)
         share = (span.size - 1) / span.size
-        if c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
+        if c.distributed_optimizer:  # reduce-scatter grads, all-gather the updated weights
             grads, weights = share * count * grad, share * count * weight
         else:  # all-reduce grads
             grads, weights = 2 * share * count * grad, 0.0
@@ -446,30 +452,45 @@ def _data_parallel(w: Workload, c: Candidate, topo: Topology, device: Device,
         gather_time[family] = collective_time(weights, span, device, 1)
         sent[family] = grads + weights
     exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
-    if device.overlap:  # hidden behind the last backward and the first forward micro-batch
-        compute = slowest.cost.compute
-        hidden_reduce = min(sum(reduce_time.values()), compute * 2 / 3)
-        hidden_gather = min(sum(gather_time.values()), compute / 3)
-        for family in exposed:
-            total = reduce_time[family] + gather_time[family]
-            share = total / max(sum(exposed.values()), 1e-30)
-            exposed[family] = max(0.0, total - share * (hidden_reduce + hidden_gather))
+    if device.overlap:  # behind the last micro-batch's backward and the first one's forward
+        hidden = min(sum(reduce_time.values()), rc.cost.compute * 2 / 3)
+        hidden += min(sum(gather_time.values()), rc.cost.compute / 3)
+        total = sum(exposed.values()) or 1.0
+        exposed = {f: exposed[f] * (1 - hidden / total) for f in exposed}
     return exposed, sent
 
 
+@lru_cache(maxsize=4096)
+def ranks_to_check(w: Workload, pp: int, vpp: int) -> tuple[int, ...]:
+    """The first rank (most activations, the embedding), the last (the head) and one rank of
+    every other mix of dense and MoE layers."""
+    counts = rank_layers(w.model.layers, pp, vpp, _moe_flags(w))
+    chosen, seen = {0, pp - 1}, {counts[0], counts[-1]}
+    for rank, mix in enumerate(counts):
+        if mix not in seen:
+            seen.add(mix)
+            chosen.add(rank)
+    return tuple(sorted(chosen))
+
+
 def estimate(w: Workload, c: Candidate, topo: Topology, device: Device) -> Estimate:
-    """Predicted step time, its split, memory per rank, tokens/s and MFU of `c`."""
-    num_microbatches = w.global_batch // (c.dp * c.micro_batch)
-    ranks = [_rank(w, c, topo, device, r, num_microbatches) for r in _ranks_to_check(w, c)]
-    slowest = max(ranks, key=lambda r: r.micro_batch_time)
-    fullest = max(ranks, key=lambda r: r.memory["total"])
-    dp_exposed, dp_sent = _data_parallel(w, c, topo, device, slowest)
-    m = num_microbatches
+    """Predicted step time and its split, memory per rank, tokens/s and MFU of `c`."""
+    key = _layer_key(c)
+    m = w.global_batch // (c.dp * c.micro_batch)  # micro-batches per pipeline
+    slowest, fullest_memory = None, None
+    for rank in ranks_to_check(w, c.pp, c.vpp):
+        rc = rank_cost(w, key, topo, device, c.pp, c.vpp, rank)
+        mem = memory(w, c, device, rank, rc)
+        if slowest is None or rc.time > slowest.time:
+            slowest = rc
+        if fullest_memory is None or mem["total"] > fullest_memory["total"]:
+            fullest_memory = mem
+    assert slowest is not None and fullest_memory is not None
+    dp_exposed, dp_sent = data_parallel(w, c, topo, device, slowest)
     time = {"compute": m * slowest.cost.compute}
-    for family in ("tp", "cp", "ep", "etp", "pp"):
-        time[family] = m * slowest.exposed[family]
+    time.update({f: m * slowest.exposed[f] for f in ("tp", "cp", "ep", "etp", "pp")})
     time.update(dp_exposed)
-    time["bubble"] = (c.pp - 1) / c.vpp * slowest.micro_batch_time
+    time["bubble"] = (c.pp - 1) / c.vpp * slowest.time
     shard = slowest.params.dense / (c.dp * c.cp if c.distributed_optimizer else 1)
     shard += slowest.params.expert / (c.edp if c.distributed_optimizer else 1)
     time["optimizer"] = shard * OPTIMIZER_BYTES / device.memory_bandwidth
@@ -481,20 +502,7 @@ def estimate(w: Workload, c: Candidate, topo: Topology, device: Device) -> Estim
     world = c.dp * c.cp * c.tp * c.pp
     flops = flops_per_token(w.model, w.moe, w.seq_len) * tokens
     return Estimate(
-        candidate=c, time=time, memory=fullest.memory, comm_bytes=sent, step_time=step,
+        candidate=c, time=time, memory=fullest_memory, comm_bytes=sent, step_time=step,
         tokens_per_s=tokens / step, mfu=flops / step / (world * device.peak_flops),
-        fits=fullest.memory["total"] <= device.memory_bytes,
+        fits=fullest_memory["total"] <= device.memory_bytes,
     )
-
-
-def _ranks_to_check(w: Workload, c: Candidate) -> list[int]:
-    """The first rank (most activations, the embedding), the last (the head) and one rank of
-    every other mix of dense and MoE layers."""
-    counts = rank_layers(w.model.layers, c.pp, c.vpp, _moe_flags(w))
-    chosen = {0, c.pp - 1}
-    seen = {counts[0], counts[-1]}
-    for rank, mix in enumerate(counts):
-        if mix not in seen:
-            seen.add(mix)
-            chosen.add(rank)
-    return sorted(chosen)

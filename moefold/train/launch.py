@@ -36,7 +36,8 @@ def init_distributed(device: torch.device) -> None:
     """gloo on CPU, nccl on CUDA; a one-rank group when not launched by torchrun."""
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # On CUDA, NCCL carries device tensors and gloo the few small CPU tensors (metrics, counts).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     else:
@@ -65,6 +66,8 @@ def run_training(job: JobConfig, out_dir: Path, device_name: str = "auto") -> li
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.toml").write_text(job_to_toml(job))
         trainer = build_trainer(job, groups, out_dir, device)
-        return trainer.train()
+        rows = trainer.train()
+        dist.barrier()  # no rank tears down its groups while another still communicates
+        return rows
     finally:
         dist.destroy_process_group()

@@ -122,6 +122,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
+        self.groups.comm_stats.reset()  # count this step's traffic only (not evaluation's)
         loss_sum = self.compute_gradients()
         grad_norm = self.apply_gradients(loss_sum)
         return self.step_metrics(loss_sum, grad_norm, started)
@@ -229,7 +230,6 @@ class Trainer:
         }
         row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
-        self.groups.comm_stats.reset()
         return row
 
     def mfu(self, elapsed: float) -> float:

@@ -139,7 +139,7 @@ def worker_pids(parent_pid: int) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
     common = [*TINY, "model.hidden=64", "train.steps=8", "checkpoint.every=2", "train.seq_len=64",
-              "train.micro_batch=2", "train.eval_every=0", "parallel.ep=2",
+              "train.micro_batch=2", "train.eval_every=0", "train.eval_batches=4", "parallel.ep=2",
               f"data.cache_dir={tmp_path / 'cache'}"]
 
     def launch(out, restarts):

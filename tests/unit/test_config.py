@@ -98,6 +98,8 @@ TEST_VALUES = {
     ),
     "parallel.distributed_optimizer": Case("true", True),
     "train.steps": Case("7", 7),
+    "train.nonfinite": Case("stop", "stop"),
+    "train.max_skipped_steps": Case("3", 3),
     "train.global_batch": Case("32", 32),
     "train.micro_batch": Case("2", 2),
     "train.seq_len": Case("64", 64),
