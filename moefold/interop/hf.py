@@ -1,13 +1,5 @@
-"""Hugging Face interop: config and parameter mapping both ways, streaming safetensors I/O.
-
-Families (config.json `model_type` -> transformers class):
-    llama      LlamaForCausalLM      dense
-    qwen2      Qwen2ForCausalLM      dense, q/k/v bias
-    qwen3      Qwen3ForCausalLM      dense, q/k norm
-    mixtral    MixtralForCausalLM    every layer MoE, softmax over the top-k logits
-    qwen2_moe  Qwen2MoeForCausalLM   softmax then top-k (optionally renormalised), sigmoid-gated
-                                     shared expert, dense layers by mlp_only_layers
-    qwen3_moe  Qwen3MoeForCausalLM   as qwen2_moe without shared expert, with q/k norm
+"""Hugging Face interop: parameter mapping both ways and streaming safetensors I/O; the config
+mapping and the family table live in hf_config.py (re-exported here).
 
 Layouts (D model dim, F FFN hidden, E experts): transformers stores every projection as an
 nn.Linear weight [out, in]. moefold keeps that layout for attention, dense MLPs, the shared
@@ -20,20 +12,18 @@ writes. transformers 5's fused in-memory layout (`mlp.experts.gate_up_proj` [E, 
 Streaming: tensors move as (moefold name, tensor) iterators, one tensor at a time: from an HF
 folder (`hf_tensors`), a live model (`model_tensors`) or a DCP checkpoint of any parallel layout
 (`checkpoint_tensors`, read layer by layer), into a model (`fill_model`), a DCP checkpoint
-(`save_model_checkpoint`) or size-capped safetensors shards (`write_hf`).
-
-Training-only settings (aux/z losses, capacity, dispatcher) are not mapped: transformers' pooled
-load-balancing loss is defined differently, so imports take moefold's defaults and exports leave
-transformers' defaults. transformers itself is never imported here.
+(`save_model_checkpoint`) or size-capped safetensors shards (`write_hf`). transformers itself is
+never imported.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,201 +34,49 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from moefold.checkpoint import CONFIG_FILE, TRAINER_FILE
 from moefold.config import JobConfig, ModelConfig, MoEConfig, job_to_toml, load_job
+from moefold.interop.hf_config import (
+    FAMILIES,
+    MOE_FAMILIES,
+    config_from_hf,
+    config_to_hf,
+    hf_family,
+)
 from moefold.model.transformer import Transformer
 
-logger = logging.getLogger(__name__)
-
-FAMILIES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-}
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 HF_CONFIG_SIDECAR = "hf_config.json"  # the source config.json, kept beside an imported checkpoint
-CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-DEFAULT_MAX_POSITIONS = 4096
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
     "generation_config.json",
 )
 _IGNORED_HF_KEYS = re.compile(r"rotary_emb\.inv_freq$")
-
-# ---- config ---------------------------------------------------------------------------------
-
-
-def _unsupported(field: str, message: str) -> ValueError:
-    return ValueError(f"config.json: {field}: {message}")
-
-
-def _rope_theta(hf: dict) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise _unsupported("rope_parameters", f"rope_type {kind!r} is not supported; "
-                           "moefold implements plain RoPE (rope_type 'default') only")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _check_supported(hf: dict, family: str) -> None:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported("hidden_act", f"{hf['hidden_act']!r}; moefold MLPs are SwiGLU (silu)")
-    if family in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
-        raise _unsupported("attention_bias", "true biases o_proj too; moefold's attention has "
-                           "q/k/v bias only (model.attn_bias)")
-    if hf.get("mlp_bias"):
-        raise _unsupported("mlp_bias", "MLP biases are not supported")
-    if family == "mixtral" and hf.get("sliding_window") is not None:
-        raise _unsupported("sliding_window", "sliding-window attention is not supported; "
-                           "set it to null if every context fits in the window")
-    if family != "mixtral" and hf.get("use_sliding_window"):
-        raise _unsupported("use_sliding_window", "sliding-window attention is not supported")
-
-
-def _moe_layer_pattern(hf: dict, num_layers: int) -> tuple[int, int] | None:
-    """(first_dense_layers, layer_freq) reproducing Qwen's mlp_only_layers/decoder_sparse_step,
-    or None when no layer is MoE."""
-    step = hf.get("decoder_sparse_step") or 1
-    dense_only = set(hf.get("mlp_only_layers") or [])
-    moe = [i for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0]
-    if not moe:
-        return None
-    first = moe[0]
-    freq = moe[1] - moe[0] if len(moe) > 1 else num_layers
-    if moe != list(range(first, num_layers, freq)):
-        raise _unsupported("mlp_only_layers", f"MoE layers {moe} are not 'the first k dense, "
-                           "then every n-th' (moe.first_dense_layers, moe.layer_freq)")
-    return first, freq
-
-
-def _moe_from_hf(hf: dict, family: str, num_layers: int) -> MoEConfig:
-    if family not in MOE_FAMILIES:
-        return MoEConfig()
-    topk = hf["num_experts_per_tok"]
-    if family == "mixtral":
-        return MoEConfig(num_experts=hf["num_local_experts"], topk=topk,
-                         ffn_hidden=hf["intermediate_size"])
-    num_experts = hf.get("num_experts", hf.get("num_local_experts", 0))
-    pattern = _moe_layer_pattern(hf, num_layers) if num_experts else None
-    if pattern is None:
-        return MoEConfig()
-    shared = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
-    # Softmax, top-k, renormalise equals a softmax over the top-k logits: the canonical form.
-    renormalised = bool(hf.get("norm_topk_prob", False))
-    return MoEConfig(
-        num_experts=num_experts, topk=topk, ffn_hidden=hf["moe_intermediate_size"],
-        first_dense_layers=pattern[0], layer_freq=pattern[1], pre_softmax=not renormalised,
-        shared_ffn_hidden=shared, shared_gate=shared > 0,
-    )
-
-
-def config_from_hf(hf: dict) -> tuple[ModelConfig, MoEConfig]:
-    """moefold model and MoE configs equivalent to a transformers config.json dict."""
-    family = hf.get("model_type")
-    if family not in FAMILIES:
-        raise _unsupported("model_type", f"{family!r} is not supported; moefold reads "
-                           f"{', '.join(FAMILIES)}")
-    _check_supported(hf, family)
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hidden // heads
-    model = ModelConfig(
-        hidden=hidden,
-        layers=hf["num_hidden_layers"],
-        heads=heads,
-        kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_hidden=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        head_dim=0 if head_dim * heads == hidden else head_dim,
-        rope_theta=_rope_theta(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_norm=family in ("qwen3", "qwen3_moe"),
-        attn_bias=family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-    return model, _moe_from_hf(hf, family, model.layers)
-
-
-def _export_problems(moe: MoEConfig) -> list[str]:
-    if not moe.enabled:
-        return []
-    checks = (
-        (moe.score != "softmax", "moe.score='sigmoid' (the families route with softmax)"),
-        (moe.scaling_factor != 1.0, "moe.scaling_factor != 1"),
-        (moe.num_groups > 0, "moe.num_groups > 0 (group-limited routing)"),
-        (moe.expert_bias, "moe.expert_bias=true (aux-loss-free bias on selection)"),
-    )
-    return [message for failed, message in checks if failed]
-
-
-def hf_family(model: ModelConfig, moe: MoEConfig) -> str:
-    """The transformers family that holds this model exactly; ValueError naming what cannot."""
-    problems = _export_problems(moe)
-    if model.qk_norm and model.attn_bias:
-        problems.append("model.attn_bias with model.qk_norm (Qwen3's attention_bias also "
-                        "biases o_proj)")
-    if model.qk_norm and moe.shared_ffn_hidden:
-        problems.append("a shared expert with model.qk_norm (Qwen3-MoE has none)")
-    if moe.shared_ffn_hidden and not moe.shared_gate:
-        problems.append("moe.shared_gate=false (Qwen2-MoE's shared expert is always gated)")
-    if problems:
-        raise ValueError("no transformers family holds this model: " + "; ".join(problems))
-    if not moe.enabled:
-        return "qwen3" if model.qk_norm else "qwen2" if model.attn_bias else "llama"
-    if model.qk_norm:
-        return "qwen3_moe"
-    every_layer = moe.first_dense_layers == 0 and moe.layer_freq == 1
-    topk_softmax = not moe.pre_softmax or moe.norm_topk_prob
-    if every_layer and topk_softmax and not model.attn_bias and not moe.shared_ffn_hidden:
-        return "mixtral"
-    return "qwen2_moe"
-
-
-def config_to_hf(
-    model: ModelConfig, moe: MoEConfig, base: dict | None = None, dtype: torch.dtype | None = None
-) -> dict:
-    """The config.json dict of the matching family; `base` supplies token ids and
-    max_position_embeddings (CARRIED_KEYS)."""
-    family = hf_family(model, moe)
-    if moe.enabled and moe.capacity_factor is not None:
-        logger.warning("moe.capacity_factor is dropped: transformers' MoE layers are dropless")
-    theta = model.rope_theta
-    hf = {
-        "architectures": [FAMILIES[family]], "model_type": family,
-        "vocab_size": model.vocab_size, "hidden_size": model.hidden,
-        "intermediate_size": model.ffn_hidden, "num_hidden_layers": model.layers,
-        "num_attention_heads": model.heads, "num_key_value_heads": model.kv_heads,
-        "head_dim": model.resolved_head_dim, "hidden_act": "silu", "rms_norm_eps": model.norm_eps,
-        "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "tie_word_embeddings": model.tie_embeddings, "initializer_range": model.init_std,
-        "max_position_embeddings": DEFAULT_MAX_POSITIONS, "attention_dropout": 0.0,
-        "use_cache": True, "dtype": str(dtype or torch.float32).removeprefix("torch."),
-    }
-    hf.update({k: base[k] for k in CARRIED_KEYS if base and k in base})
-    if family in ("llama", "qwen3", "qwen3_moe"):
-        hf["attention_bias"] = False
-    if family == "llama":
-        hf["mlp_bias"] = False
-    if family == "mixtral":
-        hf.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.topk,
-                  intermediate_size=moe.ffn_hidden, sliding_window=None, router_jitter_noise=0.0)
-    else:
-        hf.update(use_sliding_window=False, sliding_window=None)
-    if family in ("qwen2_moe", "qwen3_moe"):
-        hf.update(
-            num_experts=moe.num_experts, num_experts_per_tok=moe.topk,
-            moe_intermediate_size=moe.ffn_hidden, decoder_sparse_step=1,
-            norm_topk_prob=not moe.pre_softmax or moe.norm_topk_prob,
-            mlp_only_layers=[i for i in range(model.layers) if not moe.is_moe_layer(i)],
-        )
-    if family == "qwen2_moe":
-        hf.update(shared_expert_intermediate_size=moe.shared_ffn_hidden, qkv_bias=model.attn_bias)
-    return hf
-
+__all__ = [
+    "FAMILIES",
+    "MOE_FAMILIES",
+    "SafetensorsFolder",
+    "ShardWriter",
+    "checkpoint_tensors",
+    "config_from_hf",
+    "config_to_hf",
+    "export_checkpoint",
+    "fill_model",
+    "hf_family",
+    "hf_tensors",
+    "import_checkpoint",
+    "load",
+    "model_tensors",
+    "save",
+    "save_model_checkpoint",
+    "to_hf_tensors",
+    "write_hf",
+]
 
 # ---- names ----------------------------------------------------------------------------------
 
@@ -261,10 +99,12 @@ def _moe_block(family: str) -> str:
 
 def _layer_renames(family: str) -> dict[str, str]:
     """moefold name inside a block -> HF name inside `model.layers.i`."""
-    names = {"attn_norm.weight": "input_layernorm.weight",
-             "mlp_norm.weight": "post_attention_layernorm.weight",
-             "mlp.router.weight": f"{_moe_block(family)}.gate.weight",
-             "mlp.shared_expert.gate.weight": "mlp.shared_expert_gate.weight"}
+    names = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "mlp.router.weight": f"{_moe_block(family)}.gate.weight",
+        "mlp.shared_expert.gate.weight": "mlp.shared_expert_gate.weight",
+    }
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         for leaf in ("weight", "bias"):
             names[f"attn.{proj}.{leaf}"] = f"self_attn.{proj}.{leaf}"
@@ -302,7 +142,8 @@ def to_hf_tensors(
     family = hf_family(model, moe)
     for name, tensor in tensors:
         if _EXPERT_NAME.match(name):
-            for key, expert in zip(expert_keys(name, family, moe.num_experts), tensor.unbind(0)):
+            keys = expert_keys(name, family, moe.num_experts)
+            for key, expert in zip(keys, tensor.unbind(0), strict=True):
                 yield key, expert.T.contiguous()
             continue
         yield hf_name(name, family), tensor
@@ -310,8 +151,11 @@ def to_hf_tensors(
             # transformers always builds Qwen2-MoE's shared expert: give it zero width.
             prefix = hf_name(name, family).removesuffix("gate.weight")
             hidden = tensor.shape[1]
-            for proj, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)),
-                                ("down_proj", (hidden, 0))):
+            for proj, shape in (
+                ("gate_proj", (0, hidden)),
+                ("up_proj", (0, hidden)),
+                ("down_proj", (hidden, 0)),
+            ):
                 yield f"{prefix}shared_expert.{proj}.weight", tensor.new_zeros(shape)
             yield f"{prefix}shared_expert_gate.weight", tensor.new_zeros(1, hidden)
 
@@ -334,8 +178,10 @@ class SafetensorsFolder:
             with safe_open(str(single), framework="pt") as handle:
                 self.file_of = dict.fromkeys(handle.keys(), single)
         else:
-            raise ValueError(f"{self.path}: no model.safetensors or model.safetensors.index.json;"
-                             " moefold reads safetensors folders (save_pretrained's default)")
+            raise ValueError(
+                f"{self.path}: no model.safetensors or model.safetensors.index.json;"
+                " moefold reads safetensors folders (save_pretrained's default)"
+            )
         self.read_keys: set[str] = set()
         self._handles: dict[Path, object] = {}
 
@@ -344,8 +190,9 @@ class SafetensorsFolder:
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.file_of:
-            raise ValueError(f"{self.path}: tensor {key} is missing; the folder does not match "
-                             "its config.json")
+            raise ValueError(
+                f"{self.path}: tensor {key} is missing; the folder does not match its config.json"
+            )
         file = self.file_of[key]
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
@@ -398,10 +245,11 @@ class ShardWriter:
         if count == 1:
             final = [self.out_dir / "model.safetensors"]
         else:
-            final = [self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-                     for i in range(count)]
+            final = [
+                self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
+            ]
         weight_map = {}
-        for (tmp, keys), path in zip(self.shards, final):
+        for (tmp, keys), path in zip(self.shards, final, strict=True):
             tmp.rename(path)
             weight_map.update(dict.fromkeys(keys, path.name))
         if count > 1:
@@ -445,9 +293,7 @@ def _ignorable(key: str, model: ModelConfig, moe: MoEConfig) -> bool:
     return moe.enabled and not moe.shared_ffn_hidden and ".mlp.shared_expert" in key
 
 
-def hf_tensors(
-    folder: SafetensorsFolder, hf_config: dict
-) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(folder: SafetensorsFolder, hf_config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """The moefold (name, fp32 tensor) stream of an HF folder, in state-dict order.
 
     Raises ValueError on a shape that contradicts the config, a missing tensor, or (after the
@@ -461,8 +307,10 @@ def hf_tensors(
         else:
             tensor = folder.get(_present_key(folder, hf_name(name, family)))
         if tensor.shape != shape:
-            raise ValueError(f"{folder.path}: {name} has shape {tuple(tensor.shape)}, the config "
-                             f"implies {tuple(shape)}")
+            raise ValueError(
+                f"{folder.path}: {name} has shape {tuple(tensor.shape)}, the config "
+                f"implies {tuple(shape)}"
+            )
         yield name, tensor.to(torch.float32).contiguous()
     leftover = [k for k in folder.unread_keys() if not _ignorable(k, model, moe)]
     if leftover:
@@ -472,6 +320,14 @@ def hf_tensors(
 def model_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in model.state_dict().items():
         yield name, tensor.detach()
+
+
+@contextmanager
+def _single_process_dcp():
+    # DCP warns on every single-process call; conversions are single-process by design.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _layer_groups(names: Iterable[str]) -> Iterator[list[str]]:
@@ -493,10 +349,13 @@ def checkpoint_tensors(path: Path, names: Iterable[str]) -> Iterator[tuple[str, 
         for name in group:
             entry = metadata.get(f"model.{name}")
             if entry is None:
-                raise ValueError(f"{path}: the checkpoint has no tensor model.{name}; it does not "
-                                 f"match its {CONFIG_FILE}")
+                raise ValueError(
+                    f"{path}: the checkpoint has no tensor model.{name}; it does not "
+                    f"match its {CONFIG_FILE}"
+                )
             buffers[name] = torch.empty(entry.size, dtype=entry.properties.dtype)
-        dcp.load({"model": buffers}, checkpoint_id=str(path), no_dist=True)
+        with _single_process_dcp():
+            dcp.load({"model": buffers}, checkpoint_id=str(path), no_dist=True)
         yield from buffers.items()
 
 
@@ -572,13 +431,19 @@ def save_model_checkpoint(
     expected = expected_shapes(job.model, job.moe)
     state = dict(tensors)
     if set(state) != set(expected):
-        raise ValueError(f"the stream does not match the model: missing "
-                         f"{sorted(set(expected) - set(state))[:5]}, extra "
-                         f"{sorted(set(state) - set(expected))[:5]}")
-    dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
+        raise ValueError(
+            f"the stream does not match the model: missing "
+            f"{sorted(set(expected) - set(state))[:5]}, extra "
+            f"{sorted(set(state) - set(expected))[:5]}"
+        )
+    with _single_process_dcp():
+        dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
     (tmp / CONFIG_FILE).write_text(job_to_toml(job))
-    trainer_state = {"step": 0, "converted_from": source,
-                     "note": "model weights only; no optimizer or data-loader state"}
+    trainer_state = {
+        "step": 0,
+        "converted_from": source,
+        "note": "model weights only; no optimizer or data-loader state",
+    }
     (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
     if hf_config is not None:
         (tmp / HF_CONFIG_SIDECAR).write_text(json.dumps(hf_config, indent=2))
@@ -620,12 +485,20 @@ def import_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
     hf = read_hf_config(hf_dir)
     model, moe = config_from_hf(hf)
     with SafetensorsFolder(hf_dir) as folder:
-        return save_model_checkpoint(hf_tensors(folder, hf), JobConfig(model=model, moe=moe), out,
-                                     hf_config=hf, source=str(hf_dir))
+        return save_model_checkpoint(
+            hf_tensors(folder, hf),
+            JobConfig(model=model, moe=moe),
+            out,
+            hf_config=hf,
+            source=str(hf_dir),
+        )
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """moefold DCP checkpoint (any parallel layout) -> HF folder, one layer in memory at a time."""
@@ -634,5 +507,12 @@ def export_checkpoint(
     sidecar = checkpoint / HF_CONFIG_SIDECAR
     base = json.loads(sidecar.read_text()) if sidecar.is_file() else None
     names = expected_shapes(job.model, job.moe)
-    return write_hf(checkpoint_tensors(checkpoint, names), job.model, job.moe, out_dir,
-                    base_config=base, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return write_hf(
+        checkpoint_tensors(checkpoint, names),
+        job.model,
+        job.moe,
+        out_dir,
+        base_config=base,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+    )

@@ -12,15 +12,17 @@ K top-k, Fe / Fs routed / shared expert FFN, V vocab; t = b*S/(cp*tp) tokens a r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from moefold.config import ModelConfig, MoEConfig
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
+from moefold.plan.memory import LocalParams, local_params, logits_bytes, memory_breakdown
+from moefold.plan.memory import param_bytes, rank_layers
 
 # ---- global constants (docs/planner.md, "Constants") -----------------------------------------
 COLLECTIVE_EFFICIENCY = 0.80  # achieved / link bandwidth of ring all-gather, reduce-scatter
 ALL_TO_ALL_EFFICIENCY = 0.60  # achieved / link bandwidth of all-to-all (many small messages)
+FLASH_EFFICIENCY = 0.65  # fused attention / large-GEMM rate (cuDNN / FlashAttention-3 on H100)
 TP_OVERLAP = 0.50  # share of tp all-gather / reduce-scatter hidden behind GEMMs (overlap runtimes)
 DROPLESS_IMBALANCE = 1.15  # busiest rank's routed rows / mean, dropless with a balancing loss
 ELEMENTWISE_PASSES = 4  # memory passes per saved activation byte (fwd write, bwd read, grad r/w)
@@ -59,11 +61,15 @@ class GroupSpan:
     size: int
     nodes: int  # nodes the group spans
     off_node: float  # fraction of a member's peers on other nodes
+    per_node: int = 1  # fewest members the group has on one of its nodes
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Topology:
-    """Node placement of every communicating family of one layout (see search.topology)."""
+    """Node placement of every communicating family of one layout (see search.topology).
+
+    Compared and hashed by identity: search.topology returns one object per layout, and the
+    cost model's caches key on it cheaply."""
 
     tp: GroupSpan
     cp: GroupSpan
@@ -123,23 +129,37 @@ def gemm_time(m: float, n: float, k: float, device: Device) -> float:
     return 2.0 * m * n * k / (device.peak_flops * efficiency)
 
 
+def attention_time(flops: float, block: float, device: Device) -> float:
+    """Seconds of fused causal attention: FLASH_EFFICIENCY of the GEMM rate, and like a GEMM
+    slower on short blocks (both the query and the key block dimension count)."""
+    share = block / (block + device.gemm_half_dim)
+    return flops / (device.peak_flops * device.gemm_efficiency * FLASH_EFFICIENCY * share * share)
+
+
 def collective_time(nbytes: float, span: GroupSpan, device: Device, calls: float,
                     all_to_all: bool = False) -> float:
-    """Seconds to send `nbytes` (this rank, ring or all-to-all) over the groups of `span`."""
+    """Seconds for this rank to send `nbytes` over the groups of `span` in `calls` collectives.
+
+    Ring collectives inside a node run at NVLink speed. Across nodes, the k members a group has
+    on a node drive k network ports in parallel rings (NCCL's channels), so a ring gets
+    min(NVLink, k x port) bandwidth. An all-to-all sends its off-node share through the rank's
+    own port and the rest over NVLink at the same time. Each call also pays a latency per peer
+    step (ring: n - 1 steps; all-to-all: the n - 1 pairwise sends are issued together).
+    """
     if span.size == 1 or nbytes <= 0:
         return 0.0
     crosses = span.nodes > 1
-    latency = calls * (span.size - 1) * (
-        device.inter_node_latency if crosses else device.intra_node_latency
-    )
+    step_latency = device.inter_node_latency if crosses else device.intra_node_latency
     if all_to_all:
         eff = ALL_TO_ALL_EFFICIENCY
         inside = nbytes * (1 - span.off_node) / (device.intra_node_bandwidth * eff)
         outside = nbytes * span.off_node / (device.inter_node_bandwidth * eff)
-        return max(inside, outside) + latency
-    bandwidth = device.inter_node_bandwidth if crosses else device.intra_node_bandwidth
-    return nbytes / (bandwidth * COLLECTIVE_EFFICIENCY) + latency
-
+        steps = 1 if device.overlap else span.size - 1  # gloo sends pairwise, one at a time
+        return max(inside, outside) + calls * steps * step_latency
+    bandwidth = device.intra_node_bandwidth
+    if crosses:
+        bandwidth = min(bandwidth, span.per_node * device.inter_node_bandwidth)
+    return nbytes / (bandwidth * COLLECTIVE_EFFICIENCY) + calls * (span.size - 1) * step_latency
 
 
 # ---- one layer, one micro-batch ----------------------------------------------------------------
@@ -160,6 +180,13 @@ class LayerCost:
                         activations=self.activations * factor)
         out.comm = {f: v * factor for f, v in self.comm.items()}
         out.sent = {f: v * factor for f, v in self.sent.items()}
+        return out
+
+    def with_pp(self, sent: float, seconds: float) -> LayerCost:
+        """A copy with the pipeline transfers set (the layer sums are shared across vpp)."""
+        out = LayerCost(compute=self.compute, attention_core=self.attention_core,
+                        comm={**self.comm, "pp": seconds}, sent={**self.sent, "pp": sent},
+                        activations=self.activations)
         return out
 
     def add(self, other: LayerCost) -> LayerCost:
@@ -189,9 +216,12 @@ class _Layer:
         return self.passes * sum(gemm_time(m, n, k, self.device) for m, n, k in shapes)
 
     def finish(self, cost: LayerCost, ops: float) -> LayerCost:
-        """Add memory-bound elementwise work and per-op overhead to `cost`."""
-        elementwise = ELEMENTWISE_PASSES * cost.activations / self.device.memory_bandwidth
-        cost.compute += elementwise + ops * self.device.op_overhead
+        """Add memory-bound elementwise work and per-op overhead to `cost` (a replayed forward
+        redoes its share: one pass and a third of the ops)."""
+        replay = (self.passes) / 3
+        passes = ELEMENTWISE_PASSES + self.forwards - 1
+        elementwise = passes * cost.activations / self.device.memory_bandwidth
+        cost.compute += elementwise + replay * ops * self.device.op_overhead
         return cost
 
     def ring(self, cost: LayerCost, family: str, nbytes: float, calls: int) -> None:
@@ -210,10 +240,11 @@ def _attention(x: _Layer) -> LayerCost:
     m, c = x.w.model, x.c
     hd = m.resolved_head_dim
     cost = LayerCost()
-    # per sequence and head: S/cp queries against all S keys (k and v are gathered over cp)
-    sequences = c.micro_batch * m.heads / c.tp
-    cost.attention_core = x.passes * sequences * gemm_time(x.w.seq_len / c.cp, x.w.seq_len, hd,
-                                                           x.device)
+    # causal scores and values, 2*S*H*hd FLOPs per token (size.py), in blocks of S/(2 cp) rows
+    # under cp (the load-balanced causal split), of S rows otherwise
+    flops = x.passes * x.q * 2 * x.w.seq_len * m.heads * hd / c.tp
+    block = x.w.seq_len / (2 * c.cp) if c.cp > 1 else x.w.seq_len
+    cost.attention_core = attention_time(flops, block, x.device)
     qkv = (x.q, (m.heads + 2 * m.kv_heads) * hd / c.tp, m.hidden)
     cost.compute = cost.attention_core + x.gemms([qkv, (x.q, m.hidden, m.heads * hd / c.tp)])
     # norm input, qkv input (sequence-sharded), q/k/v, attention output
@@ -243,8 +274,12 @@ def _routed(x: _Layer) -> LayerCost:
     rows_per_expert = rows * c.etp / local_experts
     width = moe.ffn_hidden / c.etp
     cost = LayerCost()
-    experts = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
-    cost.compute = x.gemms([(x.t, moe.num_experts, m.hidden)]) + local_experts * x.gemms(experts)
+    cost.compute = x.gemms([(x.t, moe.num_experts, m.hidden)])
+    if x.device.overlap:  # GPUs: one grouped GEMM tiles all local experts' rows together
+        cost.compute += x.gemms([(rows * c.etp, 2 * width, m.hidden), (rows * c.etp, m.hidden, width)])
+    else:  # CPU: moefold loops over the local experts, one GEMM each
+        experts = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
+        cost.compute += local_experts * x.gemms(experts)
     # router input, expert inputs (after the etp gather), gate/up, activation, outputs
     cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
     calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
@@ -277,93 +312,14 @@ def head_cost(w: Workload, c: Candidate, topo: Topology, device: Device) -> Laye
     x = _Layer(w, c, topo, device)
     cost = LayerCost()
     cost.compute = 3 * gemm_time(x.q, w.model.vocab_size / c.tp, w.model.hidden, device)
-    cost.activations = x.bytes * x.t * w.model.hidden + _logits_bytes(w, c)
+    cost.activations = x.bytes * x.t * w.model.hidden + logits_bytes(w, c)
     x.tp_region(cost)
     return x.finish(cost, 20)
-
-
-def _logits_bytes(w: Workload, c: Candidate) -> float:
-    """Logits of one micro-batch, their fp32 copy for the loss and its gradient."""
-    tokens = c.micro_batch * w.seq_len / c.cp
-    return tokens * w.model.vocab_size / c.tp * (w.act_bytes + 8)
-
-
-# ---- what each pipeline rank holds -------------------------------------------------------------
-
-
-@lru_cache(maxsize=4096)
-def rank_layers(num_layers: int, pp: int, vpp: int, moe_flags: tuple[bool, ...]) -> tuple:
-    """((dense layers, MoE layers) of each pp rank); rank r holds virtual stages r, r+pp, ..."""
-    per_chunk = num_layers // (pp * vpp)
-    counts = []
-    for rank in range(pp):
-        layers = [
-            index
-            for chunk in range(vpp)
-            for index in range((chunk * pp + rank) * per_chunk, (chunk * pp + rank + 1) * per_chunk)
-        ]
-        num_moe = sum(moe_flags[i] for i in layers)
-        counts.append((len(layers) - num_moe, num_moe))
-    return tuple(counts)
-
-
-@dataclass(frozen=True)
-class LocalParams:
-    """Parameters one rank holds, by gradient family."""
-
-    dense: float  # reduced over dp x cp
-    expert: float  # reduced over edp
-
-
-def local_params(w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool,
-                 last: bool) -> LocalParams:
-    """Parameters of a rank with these layers; vocab-parallel embedding and head (Megatron)."""
-    m, moe = w.model, w.moe
-    hd = m.resolved_head_dim
-    attention = (m.hidden * (m.heads + 2 * m.kv_heads) * hd + m.heads * hd * m.hidden) / c.tp
-    if m.attn_bias:
-        attention += (m.heads + 2 * m.kv_heads) * hd / c.tp
-    norms = 2 * m.hidden + (2 * hd if m.qk_norm else 0)
-    dense_layer = attention + norms + 3 * m.hidden * m.ffn_hidden / c.tp
-    moe_dense = attention + norms + moe.num_experts * m.hidden
-    moe_dense += 3 * m.hidden * moe.shared_ffn_hidden / c.tp + (m.hidden if moe.shared_gate else 0)
-    experts = moe.num_experts / c.ep * 3 * m.hidden * moe.ffn_hidden / c.etp
-    dense = num_dense * dense_layer + num_moe * moe_dense
-    tables = m.vocab_size * m.hidden / c.tp
-    dense += (tables if first else 0) + (tables + m.hidden if last and not m.tie_embeddings else 0)
-    return LocalParams(dense=dense, expert=num_moe * experts)
-
-
-def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
-    """Micro-batches whose activations rank `rank` holds at its peak (1F1B / interleaved)."""
-    if c.pp == 1:
-        return 1.0
-    if c.vpp == 1:
-        return float(min(num_microbatches, c.pp - rank))
-    chunks = (c.pp - rank - 1) * 2 + (c.vpp - 1) * c.pp + 1  # Megatron's warm-up + 1
-    return min(num_microbatches * c.vpp, chunks) / c.vpp
 
 
 # ---- the step ----------------------------------------------------------------------------------
 
 OPTIMIZER_BYTES = 32  # bytes read + written per parameter of the optimizer shard (Adam)
-
-
-def _layer_key(c: Candidate) -> Candidate:
-    """`c` with the fields per-layer costs do not depend on normalised (a cache key)."""
-    return Candidate(tp=c.tp, cp=c.cp, pp=1, vpp=1, dp=1, ep=c.ep, etp=c.etp, edp=1,
-                     micro_batch=c.micro_batch, recompute=c.recompute,
-                     distributed_optimizer=False, folded=c.folded)
-
-
-@lru_cache(maxsize=64)
-def _moe_flags(w: Workload) -> tuple[bool, ...]:
-    return tuple(w.moe.is_moe_layer(i) for i in range(w.model.layers))
-
-
-def _param_bytes(w: Workload) -> tuple[int, int, int]:
-    """(weight, gradient, optimizer-state) bytes per parameter before sharding."""
-    return (2, 4, 12) if w.dtype == "bf16" else (4, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -378,131 +334,145 @@ class RankCost:
     num_layers: int
 
 
-@lru_cache(maxsize=65536)
-def rank_cost(w: Workload, key: Candidate, topo: Topology, device: Device, pp: int, vpp: int,
-              rank: int) -> RankCost:
-    """Per-micro-batch cost of pipeline rank `rank` (`key` from _layer_key)."""
-    dense, moe = layer_costs(w, key, topo, device)
-    num_dense, num_moe = rank_layers(w.model.layers, pp, vpp, _moe_flags(w))[rank]
-    cost = LayerCost()
-    for layer, count in ((dense, num_dense), (moe, num_moe)):
-        if count:
-            cost = cost.add(layer.scaled(count))
-    last = rank == pp - 1
-    if last:
-        cost = cost.add(head_cost(w, key, topo, device))
-    exposed = dict(cost.comm)
-    if device.overlap:
-        exposed["tp"] *= 1 - TP_OVERLAP
-        exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
-    if pp > 1:  # each virtual stage sends its output on and receives a gradient back
-        p2p = 2 * vpp * w.act_bytes * key.micro_batch * w.seq_len / (key.cp * key.tp)
-        p2p *= w.model.hidden
-        cost.sent["pp"] = p2p
-        span = GroupSpan(2, topo.pp.nodes, topo.pp.off_node)
-        cost.comm["pp"] = collective_time(p2p, span, device, 2 * vpp)
-        # interleaved schedules overlap a chunk's transfers with the next chunk's compute
-        exposed["pp"] = 0.0 if device.overlap and vpp > 1 else cost.comm["pp"]
-    time = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
-    params = local_params(w, key, num_dense, num_moe, rank == 0, last)
-    largest = max(dense.activations if num_dense else 0.0, moe.activations if num_moe else 0.0)
-    return RankCost(cost, exposed, time, params, largest, num_dense + num_moe)
+class CostModel:
+    """Estimates candidates of one workload on one device, caching per-layer and per-rank costs
+    (they do not depend on dp, the optimizer or, for layers, on vpp)."""
 
+    def __init__(self, workload: Workload, device: Device) -> None:
+        self.w, self.device = workload, device
+        self.moe_flags = tuple(workload.moe.is_moe_layer(i) for i in range(workload.model.layers))
+        tokens = workload.global_batch * workload.seq_len
+        self.tokens_per_step = tokens
+        self.flops_per_step = flops_per_token(workload.model, workload.moe, workload.seq_len)
+        self.flops_per_step *= tokens
+        self._layers: dict = {}
+        self._ranks: dict = {}
+        self._sums: dict = {}
+        self._checked: dict = {}
 
-def memory(w: Workload, c: Candidate, device: Device, rank: int, rc: RankCost) -> dict:
-    """Bytes one rank holds at its peak, by kind; 'total' is their sum."""
-    weight, grad, state = _param_bytes(w)
-    dense_shard = c.dp * c.cp if c.distributed_optimizer else 1
-    expert_shard = c.edp if c.distributed_optimizer else 1
-    held = in_flight(c, rank, w.global_batch // (c.dp * c.micro_batch))
-    tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
-    if c.recompute:  # keep each layer's input; the replayed layer is the extra workspace
-        logits = _logits_bytes(w, c) if rank == c.pp - 1 else 0.0
-        inputs = rc.num_layers * w.act_bytes * tokens * w.model.hidden
-        activations = held * (inputs + logits) + 2 * rc.largest_layer
-    else:
-        activations = held * rc.cost.activations + rc.largest_layer
-    rows = tokens * w.moe.topk * w.expert_load
-    params = rc.params.dense + rc.params.expert
-    out = {
-        "weights": weight * params,
-        "gradients": grad * params,
-        "optimizer": state * (rc.params.dense / dense_shard + rc.params.expert / expert_shard),
-        "activations": activations,
-        "dispatcher": 2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0,
-        "runtime": device.runtime_memory_bytes,
-    }
-    out["total"] = sum(out.values())
-    return out
+    def layers(self, c: Candidate, topo: Topology) -> tuple[LayerCost, LayerCost, LayerCost]:
+        """(dense layer, MoE layer, head) per micro-batch."""
+        key = (c.tp, c.cp, c.pp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo)
+        if key not in self._layers:
+            self._layers[key] = (*layer_costs(self.w, c, topo, self.device),
+                                 head_cost(self.w, c, topo, self.device))
+        return self._layers[key]
 
+    def rank(self, c: Candidate, topo: Topology, rank: int) -> RankCost:
+        """Per-micro-batch cost of pipeline rank `rank`."""
+        key = (c.tp, c.cp, c.pp, c.vpp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo,
+               rank)
+        if key not in self._ranks:
+            self._ranks[key] = self._rank(c, topo, rank)
+        return self._ranks[key]
 
-def data_parallel(w: Workload, c: Candidate, topo: Topology, device: Device,
-                  rc: RankCost) -> tuple[dict[str, float], dict[str, float]]:
-    """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) gradients."""
-    weight, grad, _ = _param_bytes(w)
-    reduce_time, gather_time, sent = {}, {}, {}
-    for family, count in (("dp", rc.params.dense), ("edp", rc.params.expert)):
-        span = getattr(topo, family)
-        share = (span.size - 1) / span.size
-        if c.distributed_optimizer:  # reduce-scatter grads, all-gather the updated weights
-            grads, weights = share * count * grad, share * count * weight
-        else:  # all-reduce grads
-            grads, weights = 2 * share * count * grad, 0.0
-        reduce_time[family] = collective_time(grads, span, device, 1)
-        gather_time[family] = collective_time(weights, span, device, 1)
-        sent[family] = grads + weights
-    exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
-    if device.overlap:  # behind the last micro-batch's backward and the first one's forward
-        hidden = min(sum(reduce_time.values()), rc.cost.compute * 2 / 3)
-        hidden += min(sum(gather_time.values()), rc.cost.compute / 3)
-        total = sum(exposed.values()) or 1.0
-        exposed = {f: exposed[f] * (1 - hidden / total) for f in exposed}
-    return exposed, sent
+    def _rank(self, c: Candidate, topo: Topology, rank: int) -> RankCost:
+        w, device = self.w, self.device
+        dense, moe, _ = self.layers(c, topo)
+        num_dense, num_moe = rank_layers(w.model.layers, c.pp, c.vpp, self.moe_flags)[rank]
+        last = rank == c.pp - 1
+        cost = self._sum(c, topo, num_dense, num_moe, last)
+        exposed = dict(cost.comm)
+        if device.overlap:
+            exposed["tp"] *= 1 - TP_OVERLAP
+            exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
+        if c.pp > 1:  # each virtual stage sends its output on and receives a gradient back
+            tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
+            p2p = 2 * c.vpp * w.act_bytes * tokens * w.model.hidden
+            span = GroupSpan(2, topo.pp.nodes, topo.pp.off_node, 1)
+            p2p_time = collective_time(p2p, span, device, 2 * c.vpp)
+            cost = cost.with_pp(p2p, p2p_time)
+            # interleaved schedules overlap a chunk's transfers with the next chunk's compute
+            exposed["pp"] = 0.0 if device.overlap and c.vpp > 1 else p2p_time
+        time = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
+        params = local_params(w, c, num_dense, num_moe, rank == 0, last)
+        largest = max(dense.activations if num_dense else 0.0, moe.activations if num_moe else 0.0)
+        return RankCost(cost, exposed, time, params, largest, num_dense + num_moe)
 
+    def _sum(self, c: Candidate, topo: Topology, num_dense: int, num_moe: int,
+             last: bool) -> LayerCost:
+        """Cost of this many dense and MoE layers (and the head when `last`), cached."""
+        key = (c.tp, c.cp, c.pp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo,
+               num_dense, num_moe, last)
+        if key not in self._sums:
+            dense, moe, head = self.layers(c, topo)
+            cost = LayerCost()
+            for layer, count in ((dense, num_dense), (moe, num_moe)):
+                if count:
+                    cost = cost.add(layer.scaled(count))
+            self._sums[key] = cost.add(head) if last else cost
+        return self._sums[key]
 
-@lru_cache(maxsize=4096)
-def ranks_to_check(w: Workload, pp: int, vpp: int) -> tuple[int, ...]:
-    """The first rank (most activations, the embedding), the last (the head) and one rank of
-    every other mix of dense and MoE layers."""
-    counts = rank_layers(w.model.layers, pp, vpp, _moe_flags(w))
-    chosen, seen = {0, pp - 1}, {counts[0], counts[-1]}
-    for rank, mix in enumerate(counts):
-        if mix not in seen:
-            seen.add(mix)
-            chosen.add(rank)
-    return tuple(sorted(chosen))
+    def ranks_to_check(self, pp: int, vpp: int) -> tuple[int, ...]:
+        """The first rank (most activations, the embedding), the last (the head) and one rank
+        of every other mix of dense and MoE layers."""
+        if (pp, vpp) not in self._checked:
+            counts = rank_layers(self.w.model.layers, pp, vpp, self.moe_flags)
+            chosen, seen = {0, pp - 1}, {counts[0], counts[-1]}
+            for rank, mix in enumerate(counts):
+                if mix not in seen:
+                    seen.add(mix)
+                    chosen.add(rank)
+            self._checked[(pp, vpp)] = tuple(sorted(chosen))
+        return self._checked[(pp, vpp)]
 
+    def memory(self, c: Candidate, topo: Topology, rank: int) -> dict[str, float]:
+        """Memory of pipeline rank `rank`, by kind."""
+        rc = self.rank(c, topo, rank)
+        return memory_breakdown(self.w, c, self.device, rank, rc.params, rc.cost.activations,
+                                rc.largest_layer, rc.num_layers)
 
-def estimate(w: Workload, c: Candidate, topo: Topology, device: Device) -> Estimate:
-    """Predicted step time and its split, memory per rank, tokens/s and MFU of `c`."""
-    key = _layer_key(c)
-    m = w.global_batch // (c.dp * c.micro_batch)  # micro-batches per pipeline
-    slowest, fullest_memory = None, None
-    for rank in ranks_to_check(w, c.pp, c.vpp):
-        rc = rank_cost(w, key, topo, device, c.pp, c.vpp, rank)
-        mem = memory(w, c, device, rank, rc)
-        if slowest is None or rc.time > slowest.time:
-            slowest = rc
-        if fullest_memory is None or mem["total"] > fullest_memory["total"]:
-            fullest_memory = mem
-    assert slowest is not None and fullest_memory is not None
-    dp_exposed, dp_sent = data_parallel(w, c, topo, device, slowest)
-    time = {"compute": m * slowest.cost.compute}
-    time.update({f: m * slowest.exposed[f] for f in ("tp", "cp", "ep", "etp", "pp")})
-    time.update(dp_exposed)
-    time["bubble"] = (c.pp - 1) / c.vpp * slowest.time
-    shard = slowest.params.dense / (c.dp * c.cp if c.distributed_optimizer else 1)
-    shard += slowest.params.expert / (c.edp if c.distributed_optimizer else 1)
-    time["optimizer"] = shard * OPTIMIZER_BYTES / device.memory_bandwidth
-    step = sum(time.values())
-    time["total"] = step
-    sent = {f: m * slowest.cost.sent[f] for f in ("tp", "cp", "ep", "etp", "pp")}
-    sent.update(dp_sent)
-    tokens = w.global_batch * w.seq_len
-    world = c.dp * c.cp * c.tp * c.pp
-    flops = flops_per_token(w.model, w.moe, w.seq_len) * tokens
-    return Estimate(
-        candidate=c, time=time, memory=fullest_memory, comm_bytes=sent, step_time=step,
-        tokens_per_s=tokens / step, mfu=flops / step / (world * device.peak_flops),
-        fits=fullest_memory["total"] <= device.memory_bytes,
-    )
+    def data_parallel(self, c: Candidate, topo: Topology,
+                      rc: RankCost) -> tuple[dict[str, float], dict[str, float]]:
+        """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) grads."""
+        weight, grad, _ = param_bytes(self.w.dtype)
+        reduce_time, gather_time, sent = {}, {}, {}
+        for family, count in (("dp", rc.params.dense), ("edp", rc.params.expert)):
+            span = getattr(topo, family)
+            share = (span.size - 1) / span.size
+            if c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
+                grads, weights = share * count * grad, share * count * weight
+            else:  # all-reduce grads
+                grads, weights = 2 * share * count * grad, 0.0
+            reduce_time[family] = collective_time(grads, span, self.device, 1)
+            gather_time[family] = collective_time(weights, span, self.device, 1)
+            sent[family] = grads + weights
+        exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
+        if self.device.overlap:  # behind the last micro-batch's backward, the first's forward
+            hidden = min(sum(reduce_time.values()), rc.cost.compute * 2 / 3)
+            hidden += min(sum(gather_time.values()), rc.cost.compute / 3)
+            total = sum(exposed.values()) or 1.0
+            exposed = {f: exposed[f] * (1 - hidden / total) for f in exposed}
+        return exposed, sent
+
+    def estimate(self, c: Candidate, topo: Topology, *, always: bool = False) -> Estimate:
+        """Predicted step time and its split, memory, tokens/s and MFU of `c` on `topo`.
+
+        The time is left empty for a candidate that does not fit, unless `always`."""
+        ranks = self.ranks_to_check(c.pp, c.vpp)
+        memory = max((self.memory(c, topo, r) for r in ranks), key=lambda mem: mem["total"])
+        fits = memory["total"] <= self.device.memory_bytes
+        if not fits and not always:  # what does not fit is never ranked: skip its time
+            return Estimate(candidate=c, memory=memory, fits=False)
+        slowest = max((self.rank(c, topo, r) for r in ranks), key=lambda rc: rc.time)
+        m = self.w.global_batch // (c.dp * c.micro_batch)  # micro-batches per pipeline
+        dp_exposed, dp_sent = self.data_parallel(c, topo, slowest)
+        time = {"compute": m * slowest.cost.compute}
+        time.update({f: m * slowest.exposed[f] for f in ("tp", "cp", "ep", "etp", "pp")})
+        time.update(dp_exposed)
+        time["bubble"] = (c.pp - 1) / c.vpp * slowest.time
+        shard = slowest.params.dense / (c.dp * c.cp if c.distributed_optimizer else 1)
+        shard += slowest.params.expert / (c.edp if c.distributed_optimizer else 1)
+        time["optimizer"] = shard * OPTIMIZER_BYTES / self.device.memory_bandwidth
+        step = sum(time.values())
+        time["total"] = step
+        sent = {f: m * slowest.cost.sent[f] for f in ("tp", "cp", "ep", "etp", "pp")}
+        sent.update(dp_sent)
+        world = c.dp * c.cp * c.tp * c.pp
+        return Estimate(
+            candidate=c, time=time, memory=memory, comm_bytes=sent, step_time=step,
+            tokens_per_s=self.tokens_per_step / step,
+            mfu=self.flops_per_step / step / (world * self.device.peak_flops),
+            fits=fits,
+        )
+

@@ -61,12 +61,12 @@ _GPUS: dict[str, tuple[str, float, float, float, float, int]] = {
 
 # Fitted once on the two H100 calibration points of the MoE Parallel Folding paper
 # (docs/planner.md, "Calibration"); used for every GPU.
-GPU_GEMM_EFFICIENCY = 0.80
-GPU_GEMM_HALF_DIM = 48.0
+GPU_GEMM_EFFICIENCY = 0.90
+GPU_GEMM_HALF_DIM = 256.0
 GPU_OP_OVERHEAD = 4e-6
 GPU_RUNTIME_MEMORY = 6 * GIB  # CUDA context, NCCL and cuBLAS workspaces, allocator slack
-NVLINK_LATENCY = 10e-6
-NETWORK_LATENCY = 25e-6
+NVLINK_LATENCY = 3e-6  # per ring step
+NETWORK_LATENCY = 6e-6
 
 
 def device_names() -> list[str]:

@@ -10,11 +10,13 @@ Whether a group crosses nodes is read off the real group membership of `Parallel
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from moefold.parallel.layout import ParallelLayout
-from moefold.plan.cost import Candidate, Estimate, GroupSpan, Topology, Workload, estimate
+import numpy as np
+
+from moefold.parallel.layout import ParallelLayout, View
+from moefold.plan.cost import Candidate, CostModel, Estimate, GroupSpan, Topology, Workload
 from moefold.plan.hardware import Device
 
 MAX_MICRO_BATCH = 16  # larger micro-batches only add activation memory at these shapes
@@ -26,7 +28,15 @@ def divisors(n: int) -> list[int]:
 
 def enumerate_candidates(w: Workload, world_size: int, *, fold: bool = True,
                          max_tp: int = 8) -> Iterator[Candidate]:
-    """Every legal candidate: degrees of both views, vpp, micro-batch, recompute, optimizer.
+    """Every legal candidate: degrees of both views, vpp, micro-batch, recompute, optimizer."""
+    for base in enumerate_layouts(w, world_size, fold=fold, max_tp=max_tp):
+        yield from variants(base)
+
+
+def enumerate_layouts(w: Workload, world_size: int, *, fold: bool = True,
+                      max_tp: int = 8) -> Iterator[Candidate]:
+    """Every legal layout, micro-batch and vpp, with recompute off and the distributed
+    optimizer on (`variants` adds the other two knobs).
 
     Args:
         w: the workload (model, sequence length, global batch).
@@ -72,6 +82,7 @@ def _expert_degrees(w: Workload, stage: int, tp: int, dp: int, fold: bool,
 
 def _schedules(w: Workload, pp: int, tp: int, cp: int, dp: int, ep: int, etp: int, edp: int,
                fold: bool) -> Iterator[Candidate]:
+    """Micro-batch sizes and virtual stages; recompute off, distributed optimizer on."""
     per_dp_rank = w.global_batch // dp
     for micro_batch in divisors(per_dp_rank):
         if micro_batch > MAX_MICRO_BATCH:
@@ -80,81 +91,94 @@ def _schedules(w: Workload, pp: int, tp: int, cp: int, dp: int, ep: int, etp: in
         for vpp in divisors(w.model.layers // pp) if pp > 1 else [1]:
             if vpp > 1 and num_microbatches % pp:  # interleaving needs whole rounds of pp
                 continue
-            for recompute in (False, True):
-                for distributed_optimizer in (True, False):
-                    yield Candidate(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, etp=etp, edp=edp,
-                                    micro_batch=micro_batch, recompute=recompute,
-                                    distributed_optimizer=distributed_optimizer, folded=fold)
+            yield Candidate(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, etp=etp, edp=edp,
+                            micro_batch=micro_batch, recompute=False,
+                            distributed_optimizer=True, folded=fold)
+
+
+def variants(base: Candidate) -> list[Candidate]:
+    """`base` with recompute off/on and the distributed optimizer on/off."""
+    return [replace(base, recompute=recompute, distributed_optimizer=sharded)
+            for recompute in (False, True) for sharded in (True, False)]
 
 
 # ---- node placement ----------------------------------------------------------------------------
 
 
-def _span(groups: list[list[int]], nodes_of: int) -> GroupSpan:
-    """Worst node spread over `groups`; groups equal up to a shift are checked once."""
-    size = len(groups[0])
+def _span(groups_GN: np.ndarray, nodes_of: int) -> GroupSpan:
+    """Worst node spread over groups (rows of ranks). Rows are shifted copies of one offset
+    pattern, so a pattern is checked once per start position within a node."""
+    size = groups_GN.shape[1]
     worst = GroupSpan(size, 1, 0.0)
     if size == 1:
         return worst
-    shapes = {(group[0] % nodes_of, tuple(r - group[0] for r in group)) for group in groups}
-    for start, offsets in shapes:
-        node_of = [(start + offset) // nodes_of for offset in offsets]
-        nodes = len(set(node_of))
-        if nodes == 1:
+    offsets = groups_GN[0] - groups_GN[0, 0]
+    assert np.array_equal(groups_GN - groups_GN[:, :1], np.broadcast_to(offsets, groups_GN.shape))
+    for start in np.unique(groups_GN[:, 0] % nodes_of):
+        node_of = (int(start) + offsets) // nodes_of
+        _, members = np.unique(node_of, return_counts=True)
+        if len(members) == 1:
             continue
-        off = max(1 - (node_of.count(n) - 1) / (size - 1) for n in set(node_of))
-        if (nodes, off) > (worst.nodes, worst.off_node):
-            worst = GroupSpan(size, nodes, off)
+        fewest = int(members.min())
+        off = 1 - (fewest - 1) / (size - 1)
+        if (len(members), off) > (worst.nodes, worst.off_node):
+            worst = GroupSpan(size, len(members), off, fewest)
     return worst
 
 
-def _pp_span(groups: list[list[int]], nodes_of: int) -> GroupSpan:
-    """Whether a rank and its next stage sit on different nodes."""
-    crossing = sum(
-        a // nodes_of != b // nodes_of for group in groups for a, b in zip(group, group[1:])
-    )
-    pairs = sum(len(group) - 1 for group in groups) or 1
-    return GroupSpan(len(groups[0]), 2 if crossing else 1, crossing / pairs)
+def _groups(ranks: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Rows of ranks varying over `axes` of a rank tensor, the other axes fixed."""
+    fixed = [a for a in range(ranks.ndim) if a not in axes]
+    size = int(np.prod([ranks.shape[a] for a in axes]))
+    return np.transpose(ranks, fixed + list(axes)).reshape(-1, size)
 
 
-def _pre_folding_expert_groups(layout: ParallelLayout, ep: int) -> tuple[list, list]:
-    """(ep groups, edp groups) of the pre-folding mapping: ep consecutive ranks of each dense dp
-    group (stride tp*cp); edp: the same position in every dp chunk, over all cp ranks."""
-    ep_groups = [
-        group[start : start + ep]
-        for group in layout.groups(("dp",), "dense")
-        for start in range(0, len(group), ep)
-    ]
-    edp_groups = []
-    for group in layout.groups(("dp", "cp"), "dense"):  # ordered (dp, cp) row-major
-        for position in range(ep):
-            edp_groups.append(
-                [r for i, r in enumerate(group) if (i // layout.cp) % ep == position]
-            )
-    return ep_groups, edp_groups
+def _rank_tensor(layout: ParallelLayout, view: View) -> np.ndarray:
+    return np.array(layout.rank_tensor(view)).reshape(layout.shape(view))
 
 
 @lru_cache(maxsize=4096)
+def _dense_spans(world_size: int, tp: int, cp: int, pp: int, nodes_of: int) -> tuple:
+    """(tp, cp, dp x cp, pp) spans of the dense view (pp, dp, cp, tp)."""
+    dense = _rank_tensor(ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp), "dense")
+    nodes = dense // nodes_of
+    crossing = float(np.mean(nodes[1:] != nodes[:-1])) if pp > 1 else 0.0
+    pp_span = GroupSpan(pp, 2 if crossing else 1, crossing)  # a rank and its next stage
+    return (_span(_groups(dense, (3,)), nodes_of), _span(_groups(dense, (2,)), nodes_of),
+            _span(_groups(dense, (1, 2)), nodes_of), pp_span)
+
+
+@lru_cache(maxsize=4096)
+def _expert_spans(world_size: int, pp: int, ep: int, etp: int, nodes_of: int) -> tuple:
+    """(ep, etp, edp) spans of the folded expert view (pp, edp, ep, etp)."""
+    expert = _rank_tensor(ParallelLayout.build(world_size, pp=pp, ep=ep, etp=etp), "expert")
+    return tuple(_span(_groups(expert, (axis,)), nodes_of) for axis in (2, 3, 1))
+
+
+@lru_cache(maxsize=4096)
+def _pre_folding_spans(world_size: int, tp: int, cp: int, pp: int, ep: int,
+                       nodes_of: int) -> tuple:
+    """(ep, etp, edp) spans before folding: ep groups are ep consecutive ranks of each dense dp
+    group (stride tp*cp), etp groups the tp groups, edp groups one position of every dp chunk
+    over all cp ranks (Megatron before folding)."""
+    layout = ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp)
+    chunked = _rank_tensor(layout, "dense").reshape(pp, layout.dp // ep, ep, cp, tp)
+    return (_span(_groups(chunked, (2,)), nodes_of), _span(_groups(chunked, (4,)), nodes_of),
+            _span(_groups(chunked, (1, 3)), nodes_of))
+
+
+@lru_cache(maxsize=65536)
 def topology(world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, folded: bool,
              nodes_of: int) -> Topology:
-    """Node placement of every family, from ParallelLayout's group membership."""
-    layout = ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
+    """Node placement of every family, read off ParallelLayout's rank tensors."""
+    tp_span, cp_span, dp_span, pp_span = _dense_spans(world_size, tp, cp, pp, nodes_of)
     if folded:
-        ep_groups = layout.groups(("ep",), "expert")
-        edp_groups = layout.groups(("edp",), "expert")
-        etp_groups = layout.groups(("etp",), "expert")
+        ep_span, etp_span, edp_span = _expert_spans(world_size, pp, ep, etp, nodes_of)
     else:
-        ep_groups, edp_groups = _pre_folding_expert_groups(layout, ep)
-        etp_groups = layout.groups(("tp",), "dense")
-    return Topology(
-        tp=_span(layout.groups(("tp",), "dense"), nodes_of),
-        cp=_span(layout.groups(("cp",), "dense"), nodes_of),
-        dp=_span(layout.groups(("dp", "cp"), "dense"), nodes_of),
-        ep=_span(ep_groups, nodes_of),
-        etp=_span(etp_groups, nodes_of),
-        edp=_span(edp_groups, nodes_of),
-        pp=_pp_span(layout.groups(("pp",), "dense"), nodes_of),
-    )
+        assert etp == tp, "before folding etp is tp"
+        ep_span, etp_span, edp_span = _pre_folding_spans(world_size, tp, cp, pp, ep, nodes_of)
+    return Topology(tp=tp_span, cp=cp_span, dp=dp_span, ep=ep_span, etp=etp_span, edp=edp_span,
+                    pp=pp_span)
 
 
 # ---- ranking -----------------------------------------------------------------------------------
@@ -162,24 +186,34 @@ def topology(world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, fold
 
 @dataclass
 class Plan:
-    """All fitting candidates, fastest first, and how many were tried."""
+    """Fitting candidates, fastest first, and how many were legal and evaluated."""
 
     ranked: list[Estimate]
-    num_candidates: int
+    num_candidates: int  # legal candidates (every knob)
+    num_evaluated: int  # after dropping dominated knobs (see `plan`)
     num_fitting: int
 
 
 def plan(w: Workload, world_size: int, device: Device, *, nodes_of: int, fold: bool = True,
          top: int | None = None) -> Plan:
-    """Estimate every legal candidate, drop those that do not fit, sort by step time."""
-    fitting, count = [], 0
-    for candidate in enumerate_candidates(w, world_size, fold=fold, max_tp=nodes_of):
-        count += 1
-        topo = topology(world_size, candidate.tp, candidate.cp, candidate.pp, candidate.ep,
-                        candidate.etp, candidate.folded, nodes_of)
-        result = estimate(w, candidate, topo, device)
+    """Estimate every legal candidate that is not dominated, keep those that fit, sort by time.
+
+    Dominated, so never estimated: the distributed optimizer off (more memory and at least as
+    much time as on), and recompute on when the same candidate fits without it (slower).
+    """
+    model = CostModel(w, device)
+    fitting, count, evaluated = [], 0, 0
+    for base in enumerate_layouts(w, world_size, fold=fold, max_tp=nodes_of):
+        count += 4
+        topo = topology(world_size, base.tp, base.cp, base.pp, base.ep, base.etp, base.folded,
+                        nodes_of)
+        result = model.estimate(base, topo)
+        evaluated += 1
+        if not result.fits:
+            result = model.estimate(replace(base, recompute=True), topo)
+            evaluated += 1
         if result.fits:
             fitting.append(result)
     fitting.sort(key=lambda e: (e.step_time, e.candidate))
     return Plan(ranked=fitting[:top] if top else fitting, num_candidates=count,
-                num_fitting=len(fitting))
+                num_evaluated=evaluated, num_fitting=len(fitting))

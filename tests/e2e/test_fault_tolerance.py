@@ -148,10 +148,14 @@ def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
         for item in common:
             args += ["--set", item]
         env = {**os.environ, "MOEFOLD_TEST_PARENT": str(os.getpid())}
-        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = open(tmp_path / f"{out.name}.log", "w")  # a file, not a pipe nobody drains
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def tail(name):
+        return (tmp_path / f"{name}.log").read_text()[-3000:]
 
     reference = launch(tmp_path / "ref", 0)
-    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-3000:]
+    assert reference.wait(timeout=600) == 0, tail("ref")
     victim = launch(tmp_path / "run", 2)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -165,7 +169,7 @@ def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
                 killed = True
         time.sleep(0.02)
     assert killed, "the run ended before step 5 could be interrupted"
-    assert victim.wait(timeout=600) == 0, victim.stderr.read().decode()[-3000:]
+    assert victim.wait(timeout=600) == 0, tail("run")
     got = [(r["step"], r["loss"]) for r in read_metrics(metrics)]
     want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     assert got == want

@@ -29,9 +29,16 @@ from moefold.model.upcycle import (
     weight_scales,
 )
 
+# transformers builds Qwen2-MoE's zero-width shared expert (no shared expert) with a warning.
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
 # Odd sizes: hidden 18, 3 heads over 1 kv head, FFN 24 (divisible by G = 1, 2, 4).
-DENSE = ModelConfig(hidden=18, layers=2, heads=3, kv_heads=1, ffn_hidden=24, vocab_size=37,
-                    init_std=0.2)
+DENSE = ModelConfig(
+    hidden=18, layers=2, heads=3, kv_heads=1, ffn_hidden=24, vocab_size=37, init_std=0.2
+)
+# transformers' default grouped_mm experts need 16-byte-aligned strides on CPU (odd sizes fail);
+# its eager per-expert loop is the reference anyway.
+EAGER = {"experts_implementation": "eager"}
 
 
 def dense_model(seed: int = 0, tie: bool = False) -> Transformer:
@@ -40,7 +47,9 @@ def dense_model(seed: int = 0, tie: bool = False) -> Transformer:
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, DENSE.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, DENSE.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def layer_outputs(dense: Transformer, moe: Transformer, seed: int = 2):
@@ -117,7 +126,9 @@ def test_upcycle_tensors_renames_and_passes_everything_else_through():
     out = dict(upcycle_tensors(dense.state_dict().items(), spec))
     moe = Transformer(DENSE, upcycled_moe_config(DENSE, spec))
     assert set(out) == set(moe.state_dict())
-    assert torch.equal(out["layers.1.attn.q_proj.weight"], dense.state_dict()["layers.1.attn.q_proj.weight"])
+    assert torch.equal(
+        out["layers.1.attn.q_proj.weight"], dense.state_dict()["layers.1.attn.q_proj.weight"]
+    )
 
 
 # ---- exactness --------------------------------------------------------------------------------
@@ -141,8 +152,14 @@ def test_virtual_groups_with_exact_scaling_equal_dense_for_any_router(
     granularity, experts, topk, router_std
 ):
     dense = dense_model(seed=4)
-    spec = UpcycleSpec(num_experts=experts, topk=topk, granularity=granularity,
-                       scaling="swiglu_exact", router_std=router_std, seed=7)
+    spec = UpcycleSpec(
+        num_experts=experts,
+        topk=topk,
+        granularity=granularity,
+        scaling="swiglu_exact",
+        router_std=router_std,
+        seed=7,
+    )
     moe = upcycle_model(dense, spec).eval()
     with torch.no_grad():
         torch.testing.assert_close(moe(tokens()), dense(tokens()), rtol=1e-5, atol=1e-5)
@@ -191,8 +208,13 @@ def _reference_moe(x, spec, router, gate, up, down, activation):
 
 
 @pytest.mark.parametrize(
-    "activation, scaling", [("relu", "megatron"), ("squared_relu", "paper"),
-                            ("squared_relu", "megatron"), ("swiglu", "swiglu_exact")]
+    "activation, scaling",
+    [
+        ("relu", "megatron"),
+        ("squared_relu", "paper"),
+        ("squared_relu", "megatron"),
+        ("swiglu", "swiglu_exact"),
+    ],
 )
 def test_scaling_rule_is_exact_for_its_activation(activation, scaling):
     torch.manual_seed(0)
@@ -204,8 +226,15 @@ def test_scaling_rule_is_exact_for_its_activation(activation, scaling):
     experts_gate = None if gate is None else expand_in_proj(gate, spec, scales["gate"])
     router = upcycled_router("r", D, spec).double()
     x = torch.randn(12, D, dtype=torch.float64)
-    got = _reference_moe(x, spec, router, experts_gate, expand_in_proj(up, spec, scales["up"]),
-                         expand_down_proj(down, spec, scales["down"]), activation)
+    got = _reference_moe(
+        x,
+        spec,
+        router,
+        experts_gate,
+        expand_in_proj(up, spec, scales["up"]),
+        expand_down_proj(down, spec, scales["down"]),
+        activation,
+    )
     torch.testing.assert_close(got, _mlp(x, up, down, activation, gate), rtol=1e-12, atol=1e-12)
 
 
@@ -219,8 +248,13 @@ def test_softmax_then_topk_error_is_bounded_by_the_router_logit_range(granularit
     dense = dense_model(seed=6)
     errors = {}
     for router_std in (1e-3, 3e-2):
-        spec = UpcycleSpec(num_experts=experts, topk=topk, granularity=granularity,
-                           router_order="softmax_then_topk", router_std=router_std)
+        spec = UpcycleSpec(
+            num_experts=experts,
+            topk=topk,
+            granularity=granularity,
+            router_order="softmax_then_topk",
+            router_std=router_std,
+        )
         moe = upcycle_model(dense, spec)
         y_dense, y_moe, x = layer_outputs(dense, moe)
         logits = x @ moe.layers["0"].mlp.router.weight.T
@@ -230,7 +264,7 @@ def test_softmax_then_topk_error_is_bounded_by_the_router_logit_range(granularit
         torch.testing.assert_close(y_moe, factor[:, None] * y_dense, rtol=1e-5, atol=1e-6)
         bound = (logits.max(-1).values - logits.min(-1).values).exp() - 1
         assert bool(((factor - 1) >= -1e-6).all()) and bool(((factor - 1) <= bound + 1e-6).all())
-        errors[router_std] = float(((y_moe - y_dense).norm() / y_dense.norm()))
+        errors[router_std] = float((y_moe - y_dense).norm() / y_dense.norm())
     assert errors[1e-3] < 0.01 < errors[3e-2] < 0.5, errors
 
 
@@ -254,8 +288,15 @@ def test_paper_rule_on_swiglu_is_approximate_and_vanishes_for_small_activations(
 
 def _save_dense_hf(family: str, path, tie: bool):
     transformers = pytest.importorskip("transformers")
-    kwargs = dict(vocab_size=37, hidden_size=18, intermediate_size=24, num_hidden_layers=2,
-                  num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=tie)
+    kwargs = dict(
+        vocab_size=37,
+        hidden_size=18,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie,
+    )
     config = transformers.AutoConfig.for_model(family, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -274,15 +315,26 @@ def _save_dense_hf(family: str, path, tie: bool):
         ("qwen3", ["--experts", "4", "--topk", "2"], "Qwen3MoeForCausalLM"),
     ],
 )
-def test_upcycle_command_writes_an_hf_moe_with_the_dense_logits(
-    family, argv, moe_family, tmp_path
-):
+def test_upcycle_command_writes_an_hf_moe_with_the_dense_logits(family, argv, moe_family, tmp_path):
     transformers = pytest.importorskip("transformers")
     dense = _save_dense_hf(family, tmp_path / "dense", tie=family == "qwen2")
     out = tmp_path / "moe"
-    assert main(["upcycle", "--dense", str(tmp_path / "dense"), *argv, "--out", str(out),
-                 "--router-std", "1.0"]) == 0
-    moe = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (
+        main(
+            [
+                "upcycle",
+                "--dense",
+                str(tmp_path / "dense"),
+                *argv,
+                "--out",
+                str(out),
+                "--router-std",
+                "1.0",
+            ]
+        )
+        == 0
+    )
+    moe = transformers.AutoModelForCausalLM.from_pretrained(out, **EAGER).eval()
     assert type(moe).__name__ == moe_family
     ids = tokens()
     with torch.no_grad():
@@ -302,7 +354,7 @@ def test_upcycle_to_a_moefold_checkpoint_and_softmax_then_topk_from_llama(tmp_pa
         torch.testing.assert_close(job_model.eval()(ids), dense(ids).logits, rtol=1e-5, atol=1e-5)
     # Mixtral cannot hold softmax-then-top-k: the HF folder is a bias-free Qwen2-MoE instead.
     commands.upcycle(tmp_path / "dense", tmp_path / "hf", spec, fmt="hf")
-    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **EAGER).eval()
     assert type(moe).__name__ == "Qwen2MoeForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
@@ -315,8 +367,21 @@ def _configs_of(ckpt):
 
 def test_upcycle_command_reports_a_topk_that_splits_groups(tmp_path, capsys):
     _save_dense_hf("llama", tmp_path / "dense", tie=False)
-    code = main(["upcycle", "--dense", str(tmp_path / "dense"), "--experts", "8", "--topk", "2",
-                 "--granularity", "4", "--out", str(tmp_path / "moe")])
+    code = main(
+        [
+            "upcycle",
+            "--dense",
+            str(tmp_path / "dense"),
+            "--experts",
+            "8",
+            "--topk",
+            "2",
+            "--granularity",
+            "4",
+            "--out",
+            str(tmp_path / "moe"),
+        ]
+    )
     assert code == 2
     assert "topk: 2 is not a multiple of granularity=4" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()

@@ -1,0 +1,124 @@
+"""Memory of one rank under a candidate layout: parameters, gradients, optimizer state,
+activations, dispatcher buffers and the runtime (docs/planner.md, "Memory").
+
+Pure arithmetic on the config; the per-layer activation bytes come from moefold/plan/cost.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moefold.plan.cost import Candidate, Workload
+    from moefold.plan.hardware import Device
+
+ALLOCATOR_OVERHEAD = 0.10  # caching-allocator fragmentation, as a share of short-lived tensors
+MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "dispatcher", "runtime")
+
+
+@lru_cache(maxsize=4096)
+def rank_layers(num_layers: int, pp: int, vpp: int, moe_flags: tuple[bool, ...]) -> tuple:
+    """((dense layers, MoE layers) of each pp rank); rank r holds virtual stages r, r+pp, ..."""
+    per_chunk = num_layers // (pp * vpp)
+    counts = []
+    for rank in range(pp):
+        layers = [
+            index
+            for chunk in range(vpp)
+            for index in range((chunk * pp + rank) * per_chunk, (chunk * pp + rank + 1) * per_chunk)
+        ]
+        num_moe = sum(moe_flags[i] for i in layers)
+        counts.append((len(layers) - num_moe, num_moe))
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    """Parameters one rank holds, by gradient family."""
+
+    dense: float  # gradients reduced over dp x cp
+    expert: float  # gradients reduced over edp
+
+
+def local_params(w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool,
+                 last: bool) -> LocalParams:
+    """Parameters of a rank with these layers; the embedding and head are vocab-parallel over
+    tp and the shared expert is tp-sharded (Megatron-Core; moefold replicates both today)."""
+    m, moe = w.model, w.moe
+    hd = m.resolved_head_dim
+    attention = (m.hidden * (m.heads + 2 * m.kv_heads) * hd + m.heads * hd * m.hidden) / c.tp
+    if m.attn_bias:
+        attention += (m.heads + 2 * m.kv_heads) * hd / c.tp
+    norms = 2 * m.hidden + (2 * hd if m.qk_norm else 0)
+    dense_layer = attention + norms + 3 * m.hidden * m.ffn_hidden / c.tp
+    moe_dense = attention + norms + moe.num_experts * m.hidden
+    moe_dense += 3 * m.hidden * moe.shared_ffn_hidden / c.tp + (m.hidden if moe.shared_gate else 0)
+    experts = moe.num_experts / c.ep * 3 * m.hidden * moe.ffn_hidden / c.etp
+    dense = num_dense * dense_layer + num_moe * moe_dense
+    tables = m.vocab_size * m.hidden / c.tp
+    dense += (tables if first else 0) + (tables + m.hidden if last and not m.tie_embeddings else 0)
+    return LocalParams(dense=dense, expert=num_moe * experts)
+
+
+def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak.
+
+    1F1B: rank r has pp - r forwards in flight. Interleaved: Megatron's warm-up of
+    2 (pp - r - 1) + (vpp - 1) pp chunks plus the one running, each 1/vpp of the rank's layers.
+    """
+    if c.pp == 1:
+        return 1.0
+    if c.vpp == 1:
+        return float(min(num_microbatches, c.pp - rank))
+    chunks = (c.pp - rank - 1) * 2 + (c.vpp - 1) * c.pp + 1
+    return min(num_microbatches * c.vpp, chunks) / c.vpp
+
+
+def logits_bytes(w: Workload, c: Candidate) -> float:
+    """Logits of one micro-batch (vocab-parallel), their fp32 copy for the loss and its grad."""
+    tokens = c.micro_batch * w.seq_len / c.cp
+    return tokens * w.model.vocab_size / c.tp * (w.act_bytes + 8)
+
+
+def param_bytes(dtype: str) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer state) bytes per parameter before sharding: bf16 weights,
+    fp32 main gradients, fp32 master + Adam moments (Megatron); fp32: no master copy."""
+    return (2, 4, 12) if dtype == "bf16" else (4, 4, 8)
+
+
+def memory_breakdown(w: Workload, c: Candidate, device: Device, rank: int, params: LocalParams,
+                     activations_per_microbatch: float, largest_layer: float,
+                     num_layers: int) -> dict[str, float]:
+    """Bytes pipeline rank `rank` holds at its peak, by kind (MEMORY_KINDS) plus 'total'.
+
+    Args:
+        activations_per_microbatch: saved activation bytes of all its layers for one micro-batch.
+        largest_layer: saved activation bytes of its largest layer (the backward's workspace).
+        num_layers: transformer layers the rank holds.
+    """
+    weight, grad, state = param_bytes(w.dtype)
+    dense_shard = c.dp * c.cp if c.distributed_optimizer else 1
+    expert_shard = c.edp if c.distributed_optimizer else 1
+    held = in_flight(c, rank, w.global_batch // (c.dp * c.micro_batch))
+    tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
+    if c.recompute:  # keep each layer's input; the replayed layer is extra workspace
+        logits = logits_bytes(w, c) if rank == c.pp - 1 else 0.0
+        inputs = num_layers * w.act_bytes * tokens * w.model.hidden
+        activations = held * (inputs + logits) + 2 * largest_layer
+    else:
+        activations = held * activations_per_microbatch + largest_layer
+    rows = tokens * w.moe.topk * w.expert_load  # send and receive buffers of the dispatch
+    total_params = params.dense + params.expert
+    out = {
+        "weights": weight * total_params,
+        "gradients": grad * total_params,
+        "optimizer": state * (params.dense / dense_shard + params.expert / expert_shard),
+        "activations": activations * (1 + ALLOCATOR_OVERHEAD),
+        "dispatcher": (2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0)
+        * (1 + ALLOCATOR_OVERHEAD),
+        "runtime": device.runtime_memory_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
