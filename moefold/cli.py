@@ -17,6 +17,7 @@ from pathlib import Path
 from moefold.config import ConfigError, check_job, load_job
 from moefold.interop.commands import add_convert_parser, add_upcycle_parser
 from moefold.parallel.layout import ParallelLayout
+from moefold.plan.command import add_plan_parser
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     add_convert_parser(sub)
     add_upcycle_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(generate_from_checkpoint(args))
             return 0
-        if args.command in ("convert", "upcycle"):
+        if args.command in ("convert", "upcycle", "plan"):
             return args.run(args)
     except ConfigError as error:
         print(f"moefold: config error: {error}", file=sys.stderr)

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from moefold.checkpoint import CONFIG_FILE, TRAINER_FILE
 from moefold.config import JobConfig, ModelConfig, MoEConfig, job_to_toml, load_job
-from moefold.interop.hf_config import (
+from moefold.interop.hf_config import (  # noqa: F401 (FAMILIES, MOE_FAMILIES: re-exported)
     FAMILIES,
     MOE_FAMILIES,
     config_from_hf,
@@ -57,26 +57,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 _IGNORED_HF_KEYS = re.compile(r"rotary_emb\.inv_freq$")
-__all__ = [
-    "FAMILIES",
-    "MOE_FAMILIES",
-    "SafetensorsFolder",
-    "ShardWriter",
-    "checkpoint_tensors",
-    "config_from_hf",
-    "config_to_hf",
-    "export_checkpoint",
-    "fill_model",
-    "hf_family",
-    "hf_tensors",
-    "import_checkpoint",
-    "load",
-    "model_tensors",
-    "save",
-    "save_model_checkpoint",
-    "to_hf_tensors",
-    "write_hf",
-]
 
 # ---- names ----------------------------------------------------------------------------------
 

@@ -85,8 +85,16 @@ class Trainer:
         self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
         dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
         # Measured once per machine and cached; only the logging rank reports MFU.
-        self.peak = device_peak_flops(device, dtype) if groups.is_logging_rank else None
+        self.peak = self._peak(device, dtype) if groups.is_logging_rank else None
         self.checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
+
+    @staticmethod
+    def _peak(device: torch.device, dtype: torch.dtype):
+        try:
+            return device_peak_flops(device, dtype)
+        except ValueError as error:  # an unknown GPU: train anyway, report MFU as NaN
+            logger.warning("MFU unavailable: %s", error)
+            return None
 
     def _build_runner(self, stages: list):
         if self.groups.size("pp") == 1:
