@@ -123,15 +123,21 @@ def training_state(model: nn.Module, optimizer, groups) -> dict[str, Any]:
     state["optim"] = {}
     for name, entry in optimizer.export_state().items():
         shards = parameter_shards(params[name])
-        state["optim"][name] = {key: value if key == "step" else _global_view(value, shards, meshes)
-                                for key, value in entry.items()}
+        state["optim"][name] = {
+            key: value if key == "step" else _global_view(value, shards, meshes)
+            for key, value in entry.items()
+        }
     return state
 
 
 def _local_optimizer_state(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {key: value.to_local() if isinstance(value, DTensor) else value
-                   for key, value in entry.items()}
-            for name, entry in state["optim"].items()}
+    return {
+        name: {
+            key: value.to_local() if isinstance(value, DTensor) else value
+            for key, value in entry.items()
+        }
+        for name, entry in state["optim"].items()
+    }
 
 
 # ---- save / load ---------------------------------------------------------------------------
@@ -177,8 +183,19 @@ def check_model_config(path: Path, model_section: dict, moe_section: dict) -> No
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable ({error})") from error
     differences = []
     for section, current in (("model", model_section), ("moe", moe_section)):
-        for key in ("num_experts", "ffn_hidden", "shared_ffn_hidden", "shared_gate",
-                    "first_dense_layers", "layer_freq", "expert_bias") if section == "moe" else current:
+        for key in (
+            (
+                "num_experts",
+                "ffn_hidden",
+                "shared_ffn_hidden",
+                "shared_gate",
+                "first_dense_layers",
+                "layer_freq",
+                "expert_bias",
+            )
+            if section == "moe"
+            else current
+        ):
             old, new = saved.get(section, {}).get(key), current.get(key)
             if old != new:
                 differences.append(f"{section}.{key}: checkpoint {old!r}, this run {new!r}")

@@ -34,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_arguments(train)
     train.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     train.add_argument("--nproc", type=int, default=1, help="launch N local ranks (torchrun)")
-    train.add_argument("--max-restarts", type=int, default=0,
-                       help="with --nproc: restart all ranks up to K times after a failure "
-                       "(torchrun elastic); the run resumes from its newest checkpoint")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: restart all ranks up to K times after a failure "
+        "(torchrun elastic); the run resumes from its newest checkpoint",
+    )
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench = sub.add_parser("bench", help="benchmarks that print figures (see moefold/bench)")
     bench.add_argument("suite", choices=["moe-layer"], help="which benchmark")
@@ -108,8 +112,16 @@ def _relaunch_with_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> i
         if item.startswith(tuple(f"{flag}=" for flag in launcher_flags)):
             continue
         rest.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "moefold", *rest]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "moefold",
+        *rest,
+    ]
     # Restarts are done here, each with a fresh torchrun (a new rendezvous store), rather than
     # with torchrun --max-restarts: with gloo on torch 2.13 the restarted workers read the dead
     # workers' addresses from the agent's store and fail in connectFullMesh (decisions.md).
@@ -119,8 +131,11 @@ def _relaunch_with_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> i
         if code == 0:
             return 0
         if attempt < max_restarts:
-            print(f"moefold: ranks failed (exit {code}); restart {attempt + 1} of {max_restarts}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"moefold: ranks failed (exit {code}); restart {attempt + 1} of {max_restarts}",
+                file=sys.stderr,
+                flush=True,
+            )
     return code
 
 

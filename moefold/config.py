@@ -214,7 +214,9 @@ class TrainConfig:
     eval_every: int = 0  # validation every n steps (0 = only at the end)
     eval_batches: int = 4  # validation micro-batches per evaluation
     log_every: int = 1  # console progress every n steps
-    nonfinite: Literal["skip", "stop"] = "skip"  # NaN/Inf loss or grad: skip the step, or save and stop
+    nonfinite: Literal["skip", "stop"] = (
+        "skip"  # NaN/Inf loss or grad: skip the step, or save and stop
+    )
     max_skipped_steps: int = 10  # with nonfinite='skip': stop after this many skipped steps
 
     def __post_init__(self) -> None:
@@ -298,7 +300,9 @@ _SECTION_TYPES = {
 def preset_names() -> list[str]:
     """Names of the presets bundled in moefold/configs."""
     folder = resources.files("moefold") / "configs"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
 
 
 def _read_preset(name_or_path: str) -> dict[str, Any]:
@@ -392,7 +396,8 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
             and f.default_factory is dataclasses.MISSING
             and f.name not in kwargs
         ]
-        raise ConfigError(f"{section}.{missing[0] if missing else '?'}: required ({error})")
+        field_name = missing[0] if missing else "?"
+        raise ConfigError(f"{section}.{field_name}: required ({error})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -416,14 +421,14 @@ def job_from_dict(raw: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from a TOML-shaped dict."""
     for section in raw:
         if section not in _SECTION_TYPES:
-            raise ConfigError(
-                f"{section}: unknown section; use one of {', '.join(_SECTION_TYPES)}"
-            )
+            raise ConfigError(f"{section}: unknown section; use one of {', '.join(_SECTION_TYPES)}")
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a table of fields")
     if "model" not in raw:
         raise ConfigError("model: the [model] section is required")
-    sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES if name in raw}
+    sections = {
+        name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES if name in raw
+    }
     return JobConfig(**sections)
 
 
@@ -527,8 +532,8 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         )
         middle, middle_stages = model.layers - first - last, virtual_stages - 2
         _require(
-            middle >= middle_stages and (middle == 0 if middle_stages == 0
-                                        else middle % middle_stages == 0),
+            middle >= middle_stages
+            and (middle == 0 if middle_stages == 0 else middle % middle_stages == 0),
             "parallel.pp_last_stage_layers",
             f"the {middle} layers left between the first and last stage do not split evenly "
             f"into {middle_stages} middle stages; change the first/last stage layers",

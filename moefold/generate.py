@@ -42,7 +42,9 @@ def sample(
 def resolve_checkpoint(path: Path) -> Path:
     if (path / CONFIG_FILE).is_file() and (path / ".metadata").is_file():
         return path
-    found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(path, "auto")
+    found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(
+        path, "auto"
+    )
     if found is None:
         raise ConfigError(f"--checkpoint: no intact checkpoint in {path}; pass a step_* folder")
     return found
@@ -59,6 +61,13 @@ def generate_from_checkpoint(args: argparse.Namespace) -> str:
         raise ConfigError(f"data.source={job.data.source} has no tokenizer to decode text")
     generator = torch.Generator().manual_seed(args.seed)
     prompt = tokenizer.encode(args.prompt)
-    ids = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator,
-                 job.train.seq_len)
+    ids = sample(
+        model,
+        prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        generator,
+        job.train.seq_len,
+    )
     return tokenizer.decode(ids)

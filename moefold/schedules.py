@@ -22,7 +22,11 @@ from torch.distributed.pipelining import (
 
 from moefold.parallel.mesh import ParallelGroups
 
-SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = {
+    "1f1b": Schedule1F1B,
+    "gpipe": ScheduleGPipe,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+}
 
 
 @dataclass(frozen=True)
@@ -42,15 +46,22 @@ class StageShapes:
 
     def example_input(self, first: bool, device: torch.device) -> torch.Tensor:
         if first:
-            return torch.zeros(self.micro_batch, self.local_seq_len, dtype=torch.long, device=device)
+            return torch.zeros(
+                self.micro_batch, self.local_seq_len, dtype=torch.long, device=device
+            )
         # requires_grad tells the stage to send the gradient of its input back upstream
         hidden = torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
         return hidden.requires_grad_()
 
     def example_output(self, last: bool, device: torch.device) -> torch.Tensor:
         if last:
-            return torch.empty(self.micro_batch, self.local_seq_len, self.vocab_size,
-                               dtype=self.logits_dtype, device=device)
+            return torch.empty(
+                self.micro_batch,
+                self.local_seq_len,
+                self.vocab_size,
+                dtype=self.logits_dtype,
+                device=device,
+            )
         return torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
 
 
@@ -70,13 +81,19 @@ def build_schedule(
         first, last = index == 0, index == num_stages - 1
         output = shapes.example_output(last, device)
         hidden_input = shapes.example_input(False, device).detach()
-        stages.append(PipelineStage(
-            module, index, num_stages, device, group=groups.group("pp"),
-            input_args=shapes.example_input(first, device),
-            output_args=output,
-            output_grads=None if last else output,
-            input_grads=None if first else hidden_input,
-        ))
+        stages.append(
+            PipelineStage(
+                module,
+                index,
+                num_stages,
+                device,
+                group=groups.group("pp"),
+                input_args=shapes.example_input(first, device),
+                output_args=output,
+                output_grads=None if last else output,
+                input_grads=None if first else hidden_input,
+            )
+        )
     cls = SCHEDULES[schedule_name]
     if cls is ScheduleInterleaved1F1B:
         return cls(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -38,7 +38,10 @@ RULES = [
     ("train.global_batch", "divisible by micro_batch*dp"),
     ("train.eval_batches", "a multiple of dp"),
     ("parallel.pp_first_stage_layers", "uneven split: pp*vpp > 1 and first and last >= 1"),
-    ("parallel.pp_last_stage_layers", "uneven split: the middle layers divide into the middle stages"),
+    (
+        "parallel.pp_last_stage_layers",
+        "uneven split: the middle layers divide into the middle stages",
+    ),
     ("model.layers", "even split: divisible by pp*vpp (layers per virtual pipeline stage)"),
     ("parallel.vpp", "vpp > 1 needs parallel.pp_schedule = 'interleaved_1f1b'"),
     ("parallel.vpp", "vpp > 1 needs pp > 1"),

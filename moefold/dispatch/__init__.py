@@ -14,8 +14,9 @@ def build_dispatcher(cfg: MoEConfig, groups) -> object:
     if cfg.dispatcher == "allgather":
         from moefold.dispatch.all_gather import AllGatherDispatcher
 
-        return AllGatherDispatcher(cfg, groups.group("ep_etp"), groups.coord("ep"),
-                                   groups.size("ep"), groups.comm_stats)
+        return AllGatherDispatcher(
+            cfg, groups.group("ep_etp"), groups.coord("ep"), groups.size("ep"), groups.comm_stats
+        )
     from moefold.dispatch.all_to_all import AllToAllDispatcher
 
     return AllToAllDispatcher(cfg, groups.group("ep"), groups.group("etp"), groups.comm_stats)

@@ -63,10 +63,13 @@ class AllGatherDispatcher:
         cfg, e = self.cfg, self.num_local_experts
         kept_ids_TK, num_dropped = self._kept_ids(probs_TK, expert_ids_TK)
         sizes = all_gather_sizes(hidden_TD.shape[0], self.group, family="ep", stats=self.stats)
-        hidden = all_gather_dim(hidden_TD, 0, self.group, sizes=sizes, family="ep", stats=self.stats)
+        hidden = all_gather_dim(
+            hidden_TD, 0, self.group, sizes=sizes, family="ep", stats=self.stats
+        )
         probs = all_gather_dim(probs_TK, 0, self.group, sizes=sizes, family="ep", stats=self.stats)
-        kept_ids = all_gather_dim(kept_ids_TK, 0, self.group, sizes=sizes, family="ep",
-                                  stats=self.stats)
+        kept_ids = all_gather_dim(
+            kept_ids_TK, 0, self.group, sizes=sizes, family="ep", stats=self.stats
+        )
         local_ids = kept_ids - self.first_expert
         is_local = (local_ids >= 0) & (local_ids < e)
         # Non-local and dropped choices go to a sentinel expert e that is never computed.
@@ -96,5 +99,6 @@ class AllGatherDispatcher:
     def combine(self, expert_output_RD: torch.Tensor, plan: AllGatherPlan) -> torch.Tensor:
         out = expert_output_RD.new_zeros(plan.num_gathered + 1, expert_output_RD.shape[1])
         out = out.index_add(0, plan.token_index_R, expert_output_RD)[: plan.num_gathered]
-        return reduce_scatter_dim(out, 0, self.group, sizes=plan.token_sizes, family="ep",
-                                  stats=self.stats)
+        return reduce_scatter_dim(
+            out, 0, self.group, sizes=plan.token_sizes, family="ep", stats=self.stats
+        )

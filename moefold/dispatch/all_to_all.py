@@ -73,8 +73,14 @@ class AllToAllDispatcher:
 
     def dispatch(self, hidden_TD, probs_TK, expert_ids_TK):
         cfg, n, e = self.cfg, self.ep_size, self.num_local_experts
-        routing = route_slots(expert_ids_TK, probs_TK, self.num_experts, cfg.capacity_factor,
-                              cfg.drop_policy, cfg.pad_to_capacity)
+        routing = route_slots(
+            expert_ids_TK,
+            probs_TK,
+            self.num_experts,
+            cfg.capacity_factor,
+            cfg.drop_policy,
+            cfg.pad_to_capacity,
+        )
         padded = cfg.pad_to_capacity and cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         sent_E = routing.tokens_per_expert_E
@@ -85,29 +91,46 @@ class AllToAllDispatcher:
         etp_sizes = received_SE.view(self.etp_size, -1).sum(1).tolist()
         rows_RD = all_to_all(rows_RD, received, sent, self.ep_group, family="ep", stats=self.stats)
         probs_R = all_to_all(probs_R, received, sent, self.ep_group, family="ep", stats=self.stats)
-        rows_RD = all_gather_dim(rows_RD, 0, self.etp_group, sizes=etp_sizes, family="etp",
-                                 stats=self.stats)
-        probs_R = all_gather_dim(probs_R, 0, self.etp_group, sizes=etp_sizes, family="etp",
-                                 stats=self.stats)
+        rows_RD = all_gather_dim(
+            rows_RD, 0, self.etp_group, sizes=etp_sizes, family="etp", stats=self.stats
+        )
+        probs_R = all_gather_dim(
+            probs_R, 0, self.etp_group, sizes=etp_sizes, family="etp", stats=self.stats
+        )
         sort_index = source_to_expert_order(received_SE)
-        plan = AllToAllPlan(token_index_R, hidden_TD.shape[0], routing.num_dropped, sent,
-                            received, etp_sizes, sort_index)
+        plan = AllToAllPlan(
+            token_index_R,
+            hidden_TD.shape[0],
+            routing.num_dropped,
+            sent,
+            received,
+            etp_sizes,
+            sort_index,
+        )
         return rows_RD[sort_index], probs_R[sort_index], received_SE.sum(0), plan
 
     def _gather_counts_over_etp(self, received_ne: torch.Tensor) -> torch.Tensor:
         """[m * n, e]: rows per (etp source, ep source, local expert) after the etp gather."""
         if self.etp_size == 1:
             return received_ne
-        gathered = all_gather_dim(received_ne.flatten(), 0, self.etp_group, family="etp",
-                                  stats=self.stats)
+        gathered = all_gather_dim(
+            received_ne.flatten(), 0, self.etp_group, family="etp", stats=self.stats
+        )
         return gathered.view(-1, self.num_local_experts)
 
     def combine(self, expert_output_RD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         inverse = torch.empty_like(plan.sort_index)
         inverse[plan.sort_index] = torch.arange(plan.sort_index.numel(), device=inverse.device)
         rows_RD = expert_output_RD[inverse]
-        rows_RD = reduce_scatter_dim(rows_RD, 0, self.etp_group, sizes=plan.etp_sizes,
-                                     family="etp", stats=self.stats)
-        rows_RD = all_to_all(rows_RD, plan.input_splits, plan.output_splits, self.ep_group,
-                             family="ep", stats=self.stats)
+        rows_RD = reduce_scatter_dim(
+            rows_RD, 0, self.etp_group, sizes=plan.etp_sizes, family="etp", stats=self.stats
+        )
+        rows_RD = all_to_all(
+            rows_RD,
+            plan.input_splits,
+            plan.output_splits,
+            self.ep_group,
+            family="ep",
+            stats=self.stats,
+        )
         return scatter_rows(rows_RD, plan.token_index_R, plan.num_tokens)

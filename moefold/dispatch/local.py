@@ -37,7 +37,9 @@ def gather_rows(
     return hidden_TD[token_index], probs_flat[slots_R], token_index
 
 
-def scatter_rows(rows_RD: torch.Tensor, token_index_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def scatter_rows(
+    rows_RD: torch.Tensor, token_index_R: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """Sum rows into their tokens; rows with token index == num_tokens (padding) vanish."""
     out = rows_RD.new_zeros(num_tokens + 1, rows_RD.shape[1])
     return out.index_add(0, token_index_R, rows_RD)[:num_tokens]

@@ -50,7 +50,9 @@ def keep_mask(
     order = priority[torch.argsort(flat_ids[priority], stable=True)]
     counts = torch.bincount(flat_ids, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts[flat_ids[order]]
+    rank_in_expert = (
+        torch.arange(flat_ids.numel(), device=flat_ids.device) - starts[flat_ids[order]]
+    )
     keep = torch.zeros_like(flat_ids, dtype=torch.bool)
     keep[order] = rank_in_expert < capacity
     return keep.view_as(expert_ids_TK)

@@ -29,7 +29,9 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class GroupedExperts(nn.Module):
     """e SwiGLU experts; forward takes rows already grouped by expert."""
 
-    def __init__(self, num_local_experts: int, hidden: int, ffn_hidden: int, grouped_gemm: str) -> None:
+    def __init__(
+        self, num_local_experts: int, hidden: int, ffn_hidden: int, grouped_gemm: str
+    ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
         self.gate_proj = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))

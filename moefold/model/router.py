@@ -65,7 +65,9 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.num_experts, self.topk = cfg.num_experts, cfg.topk
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden))
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.expert_bias)
+        self.register_buffer(
+            "expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.expert_bias
+        )
         self.stats_comm = LocalStatsComm()
         self.aux_grad_scale = 1.0  # gradient the objective puts on one micro-batch's loss
         self.reset_step_statistics()
@@ -98,9 +100,7 @@ class TopKRouter(nn.Module):
             selection = selection.masked_fill(expert_mask == 0, float("-inf"))
         return selection.topk(self.topk, dim=-1).indices
 
-    def forward(
-        self, x_TD: torch.Tensor, num_sequences: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_TD: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] (T = num_sequences * S local tokens) -> (probs [T, K] fp32, ids [T, K])."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits = F.linear(x_TD.float(), self.weight.float())

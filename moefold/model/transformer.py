@@ -58,7 +58,9 @@ def rotary_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor
+) -> torch.Tensor:
     half = x_BHSDh.shape[-1] // 2
     rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
@@ -66,7 +68,9 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Te
 
 def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S) -> torch.Tensor:
     """Exact causal attention with grouped KV heads (torch SDPA); the sequence is in order."""
-    return F.scaled_dot_product_attention(q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(
+        q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True
+    )
 
 
 class SequencePositions:
@@ -177,7 +181,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.layers)})
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        )
         # Which positions this rank's tokens hold; context/sequence parallelism replace it.
         self.positions = SequencePositions()
 

@@ -21,8 +21,9 @@ def parallelize_model(
     model: Transformer, job: JobConfig, groups: ParallelGroups
 ) -> tuple[Transformer, list[tuple[int, StageModule]]]:
     """Returns this rank's part of the model and its pipeline stages (one at pp = 1)."""
-    model.positions = SequencePositions(groups.size("cp"), groups.coord("cp"),
-                                        groups.size("tp"), groups.coord("tp"))
+    model.positions = SequencePositions(
+        groups.size("cp"), groups.coord("cp"), groups.size("tp"), groups.coord("tp")
+    )
     apply_tp(model, groups)
     apply_cp(model, groups)
     bind_router_stats(model, groups)

@@ -37,15 +37,17 @@ class ContextParallelAttention:
         v_all = all_gather_dim(v_BGSDh, SEQUENCE_DIM, self.group, family="cp", stats=self.stats)
         key_positions = self._gather_positions(positions_S)
         mask_SS = key_positions[None, :] <= positions_S[:, None]
-        return F.scaled_dot_product_attention(q_BHSDh, k_all, v_all, attn_mask=mask_SS,
-                                              enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q_BHSDh, k_all, v_all, attn_mask=mask_SS, enable_gqa=True
+        )
 
     def _gather_positions(self, positions_S: torch.Tensor) -> torch.Tensor:
         # Positions are known to every rank: the same chunk rule, no communication needed.
         size = self.group.size()
         seq_len = positions_S.numel() * size
-        return torch.cat([SequencePositions(size, r).attention(seq_len, positions_S.device)
-                          for r in range(size)])
+        return torch.cat(
+            [SequencePositions(size, r).attention(seq_len, positions_S.device) for r in range(size)]
+        )
 
 
 def apply_cp(model: nn.Module, groups: ParallelGroups) -> None:

@@ -30,9 +30,7 @@ DISTINCT_GROUP = {"expert": "ep_etp", "tensor": "tp", "replicated": None}
 SHARDS_ATTR = "moefold_shards"
 
 
-def mark_family(
-    param: nn.Parameter, family: str, shards: tuple[tuple[str, int], ...] = ()
-) -> None:
+def mark_family(param: nn.Parameter, family: str, shards: tuple[tuple[str, int], ...] = ()) -> None:
     """Record the family and how the full tensor was cut: ((group family, tensor dim), ...),
     outermost cut first, e.g. (("ep", 0), ("etp", 2)) for an expert gate projection."""
     assert family in REDUCE_GROUP, family

@@ -24,8 +24,10 @@ def expert_shard(num_experts: int, ffn_hidden: int, groups: ParallelGroups) -> t
     num_local = num_experts // ep_size
     width = ffn_hidden // etp_size
     ep_rank, etp_rank = groups.coord("ep"), groups.coord("etp")
-    return (slice(ep_rank * num_local, (ep_rank + 1) * num_local),
-            slice(etp_rank * width, (etp_rank + 1) * width))
+    return (
+        slice(ep_rank * num_local, (ep_rank + 1) * num_local),
+        slice(etp_rank * width, (etp_rank + 1) * width),
+    )
 
 
 @torch.no_grad()

@@ -42,8 +42,9 @@ def decays(name: str, param: nn.Parameter) -> bool:
 
 
 def _adamw(params_groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=True)
+    return torch.optim.AdamW(
+        params_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
+    )
 
 
 class ReplicatedAdamW:
@@ -54,8 +55,13 @@ class ReplicatedAdamW:
         self.named = list(model.named_parameters())
         decay = [p for n, p in self.named if decays(n, p)]
         no_decay = [p for n, p in self.named if not decays(n, p)]
-        self.optimizer = _adamw([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], cfg)
+        self.optimizer = _adamw(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            cfg,
+        )
 
     def reduce_gradients(self) -> None:
         reduce_gradients(self.model, self.groups)
@@ -78,8 +84,12 @@ class ReplicatedAdamW:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                   for t in s.values() if torch.is_tensor(t))
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
 
     def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Live per-parameter state (created as zeros before the first step, so it can be
@@ -105,8 +115,9 @@ class ReplicatedAdamW:
 class _FlatShard:
     """One (family, decay) group of parameters, flattened; this rank owns one 1/n slice."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], group_name: str,
-                 groups: ParallelGroups) -> None:
+    def __init__(
+        self, named: list[tuple[str, nn.Parameter]], group_name: str, groups: ParallelGroups
+    ) -> None:
         self.named, self.group_name = named, group_name
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.rank = dist.get_rank(self.group)
@@ -166,13 +177,20 @@ class ShardedAdamW:
         self.shards: list[tuple[_FlatShard, bool]] = []
         for family, group_name in REDUCE_GROUP.items():
             for with_decay in (True, False):
-                named = [(n, p) for n, p in model.named_parameters()
-                         if parameter_family(p) == family and decays(n, p) == with_decay]
+                named = [
+                    (n, p)
+                    for n, p in model.named_parameters()
+                    if parameter_family(p) == family and decays(n, p) == with_decay
+                ]
                 if named:
                     self.shards.append((_FlatShard(named, group_name, groups), with_decay))
         self.optimizer = _adamw(
-            [{"params": [s.master], "weight_decay": cfg.weight_decay if d else 0.0}
-             for s, d in self.shards], cfg)
+            [
+                {"params": [s.master], "weight_decay": cfg.weight_decay if d else 0.0}
+                for s, d in self.shards
+            ],
+            cfg,
+        )
 
     def reduce_gradients(self) -> None:
         for shard, _ in self.shards:
@@ -214,8 +232,12 @@ class ShardedAdamW:
 
     def state_bytes(self) -> int:
         masters = sum(s.master.numel() * s.master.element_size() for s, _ in self.shards)
-        moments = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                      for t in s.values() if torch.is_tensor(t))
+        moments = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
         return masters + moments
 
     def _slot(self, shard: _FlatShard) -> dict:
@@ -233,8 +255,10 @@ class ShardedAdamW:
             slot = self._slot(shard)
             gathered = {key: shard.unflatten(shard.gather(slot[key].detach())) for key in MOMENTS}
             for i, (name, _) in enumerate(shard.named):
-                out[name] = {"step": slot["step"].clone(),
-                             **{key: gathered[key][i].clone() for key in MOMENTS}}
+                out[name] = {
+                    "step": slot["step"].clone(),
+                    **{key: gathered[key][i].clone() for key in MOMENTS},
+                }
         return out
 
     def import_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:

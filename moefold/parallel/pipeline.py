@@ -17,7 +17,9 @@ from moefold.model.transformer import Transformer
 from moefold.parallel.mesh import ParallelGroups
 
 
-def stage_layers(num_layers: int, num_stages: int, first: int = 0, last: int = 0) -> list[list[str]]:
+def stage_layers(
+    num_layers: int, num_stages: int, first: int = 0, last: int = 0
+) -> list[list[str]]:
     """Layer names of each of the V stages: an even split, or `first` and `last` layers on the
     end stages (they also carry the embedding and the LM head) and an even split between.
     check_job enforces that the numbers divide."""
@@ -50,8 +52,9 @@ def split_for_pipeline(
     ascending stage order. At pp = 1 the single stage is the whole model."""
     pp_size, pp_rank = groups.size("pp"), groups.coord("pp")
     num_stages = pp_size * parallel.vpp
-    layers = stage_layers(len(model.layers), num_stages, parallel.pp_first_stage_layers,
-                          parallel.pp_last_stage_layers)
+    layers = stage_layers(
+        len(model.layers), num_stages, parallel.pp_first_stage_layers, parallel.pp_last_stage_layers
+    )
     mine = [s for s in range(num_stages) if s % pp_size == pp_rank]
     kept = {name for s in mine for name in layers[s]}
     for name in list(model.layers):

@@ -33,8 +33,9 @@ class DistributedStatsComm:
         if dp_size == 1:
             return x, x
         flat = torch.empty(dp_size * x.numel(), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(flat, x.detach().contiguous().flatten(),
-                                    group=self.groups.group("dp"))
+        dist.all_gather_into_tensor(
+            flat, x.detach().contiguous().flatten(), group=self.groups.group("dp")
+        )
         gathered = flat.view(dp_size, *x.shape)
         dp_rank = self.groups.coord("dp")
         return gathered[: dp_rank + 1].sum(0), gathered.sum(0)

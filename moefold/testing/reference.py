@@ -71,8 +71,13 @@ def run_steps(job: JobConfig, groups: ParallelGroups, steps: int) -> dict:
         losses.append(row["loss"])
         grad_norms.append(row["grad_norm"])
     params = full_state(trainer.model, groups, grads=False)
-    return {"losses": losses, "grad_norms": grad_norms, "grads": grads, "params": params,
-            "last_row": row}
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "grads": grads,
+        "params": params,
+        "last_row": row,
+    }
 
 
 def single_process_reference(job: JobConfig, steps: int) -> dict:

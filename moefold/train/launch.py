@@ -44,11 +44,15 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def build_trainer(job: JobConfig, groups: ParallelGroups, out_dir: Path, device: torch.device) -> Trainer:
+def build_trainer(
+    job: JobConfig, groups: ParallelGroups, out_dir: Path, device: torch.device
+) -> Trainer:
     """Datasets (rank 0 builds caches first), the parallelised model and its Trainer."""
     if not groups.is_logging_rank:
         groups.barrier()
-    train_data, val_data, _ = build_datasets(job.data, job.model.vocab_size, job.train.seq_len, job.train.seed)
+    train_data, val_data, _ = build_datasets(
+        job.data, job.model.vocab_size, job.train.seq_len, job.train.seed
+    )
     if groups.is_logging_rank:
         groups.barrier()
     model, stages = parallelize_model(build_model(job).to(device), job, groups)

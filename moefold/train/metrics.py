@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,10 +87,16 @@ def expert_load_metrics(
 
     A dense [layers, E] table, filled by the ranks that hold each layer, summed over all ranks
     (one collective whatever the pipeline split)."""
-    moe_layers = {name.split(".")[1]: m for name, m in model.named_modules()
-                  if name.startswith("layers.") and hasattr(m, "router") and hasattr(m, "stats")}
-    all_moe = [str(i) for i in range(num_layers) if getattr(model, "moe_cfg", None)
-               and model.moe_cfg.is_moe_layer(i)]
+    moe_layers = {
+        name.split(".")[1]: m
+        for name, m in model.named_modules()
+        if name.startswith("layers.") and hasattr(m, "router") and hasattr(m, "stats")
+    }
+    all_moe = [
+        str(i)
+        for i in range(num_layers)
+        if getattr(model, "moe_cfg", None) and model.moe_cfg.is_moe_layer(i)
+    ]
     if not all_moe:
         return {}
     num_experts = model.moe_cfg.num_experts
@@ -102,10 +108,14 @@ def expert_load_metrics(
             table[row, num_experts] = float(layer.stats.dropped)
             table[row, num_experts + 1] = float(layer.stats.routed)
     table = sum_over_model(table)
-    load = {name: [int(c) for c in table[row, :num_experts].tolist()]
-            for row, name in enumerate(all_moe)}
-    dropped = {name: float(table[row, num_experts] / max(float(table[row, num_experts + 1]), 1.0))
-               for row, name in enumerate(all_moe)}
+    load = {
+        name: [int(c) for c in table[row, :num_experts].tolist()]
+        for row, name in enumerate(all_moe)
+    }
+    dropped = {
+        name: float(table[row, num_experts] / max(float(table[row, num_experts + 1]), 1.0))
+        for row, name in enumerate(all_moe)
+    }
     return {"expert_load": load, "dropped_frac": dropped}
 
 

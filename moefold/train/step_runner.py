@@ -27,8 +27,13 @@ def token_mean_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.
 class LocalRunner:
     """pp = 1: one forward and backward per micro-batch (gradient accumulation)."""
 
-    def __init__(self, model: nn.Module, shard: Shard, autocast: Callable[[], AbstractContextManager],
-                 loss_scale: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        shard: Shard,
+        autocast: Callable[[], AbstractContextManager],
+        loss_scale: float,
+    ) -> None:
         self.model, self.shard, self.autocast, self.loss_scale = model, shard, autocast, loss_scale
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
@@ -55,10 +60,19 @@ class PipelineRunner:
     """pp > 1: the configured schedule over this rank's stages (scale_grads=False, see
     moefold/schedules.py for the loss-scaling contract)."""
 
-    def __init__(self, stage_modules, groups, schedule_name: str, num_microbatches: int,
-                 num_eval_microbatches: int, shard: Shard,
-                 autocast: Callable[[], AbstractContextManager], loss_scale: float,
-                 device: torch.device, shapes: StageShapes) -> None:
+    def __init__(
+        self,
+        stage_modules,
+        groups,
+        schedule_name: str,
+        num_microbatches: int,
+        num_eval_microbatches: int,
+        shard: Shard,
+        autocast: Callable[[], AbstractContextManager],
+        loss_scale: float,
+        device: torch.device,
+        shapes: StageShapes,
+    ) -> None:
         self.shard, self.autocast, self.loss_scale = shard, autocast, loss_scale
         indices = [index for index, _ in stage_modules]
         num_stages = groups.size("pp") * len(stage_modules)
@@ -67,13 +81,20 @@ class PipelineRunner:
         def scaled_loss(logits, labels):
             return token_mean_loss(logits, labels) * loss_scale
 
-        self.schedule = build_schedule(stage_modules, schedule_name, num_microbatches,
-                                       scaled_loss, groups, device, shapes)
+        self.schedule = build_schedule(
+            stage_modules, schedule_name, num_microbatches, scaled_loss, groups, device, shapes
+        )
         # A forward-only schedule for validation, with its own stages (buffer sizes differ).
         eval_schedule_name = "gpipe" if len(stage_modules) == 1 else schedule_name
-        self.eval_schedule = build_schedule(stage_modules, eval_schedule_name,
-                                            num_eval_microbatches, token_mean_loss, groups, device,
-                                            shapes)
+        self.eval_schedule = build_schedule(
+            stage_modules,
+            eval_schedule_name,
+            num_eval_microbatches,
+            token_mean_loss,
+            groups,
+            device,
+            shapes,
+        )
 
     def _run(self, schedule, micro_batches, train: bool) -> torch.Tensor:
         pieces = [self.shard(batch) for batch in micro_batches]

@@ -22,9 +22,9 @@ from torch import nn
 from moefold.checkpoint import (
     CheckpointError,
     check_model_config,
+    find_resume_checkpoint,
     is_intact,
     list_checkpoints,
-    find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -32,7 +32,9 @@ from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
+from moefold.parallel.optimizer import build_optimizer
 from moefold.schedules import StageShapes
+from moefold.train.lr_schedule import lr_at
 from moefold.train.metrics import (
     MetricsWriter,
     expert_load_metrics,
@@ -40,8 +42,6 @@ from moefold.train.metrics import (
     print0,
     step_router_losses,
 )
-from moefold.parallel.optimizer import build_optimizer
-from moefold.train.lr_schedule import lr_at
 from moefold.train.peak import device_peak_flops
 from moefold.train.step_runner import LocalRunner, PipelineRunner
 
@@ -70,11 +70,18 @@ class Trainer:
         self.device, self.out_dir = device, out_dir
         train = job.train
         self.num_microbatches = train.global_batch // train.micro_batch  # M, global
-        self.loader = BatchLoader(train_data, train.global_batch, train.micro_batch, train.seed,
-                                  dp_rank=groups.coord("dp"), dp_size=groups.size("dp"))
+        self.loader = BatchLoader(
+            train_data,
+            train.global_batch,
+            train.micro_batch,
+            train.seed,
+            dp_rank=groups.coord("dp"),
+            dp_size=groups.size("dp"),
+        )
         self.val_data = val_data
-        self.optimizer = build_optimizer(model, train, groups,
-                                         sharded=job.parallel.distributed_optimizer)
+        self.optimizer = build_optimizer(
+            model, train, groups, sharded=job.parallel.distributed_optimizer
+        )
         self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
         for layer in model.moe_layers():
             layer.router.aux_grad_scale = 1.0 / self.num_microbatches
@@ -82,11 +89,15 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.tokens_per_step = train.global_batch * train.seq_len
-        self.flops_per_step = flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
+        self.flops_per_step = (
+            flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
+        )
         dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
         # Measured once per machine and cached; only the logging rank reports MFU.
         self.peak = self._peak(device, dtype) if groups.is_logging_rank else None
-        self.checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
+        self.checkpoint_root = (
+            Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
+        )
 
     @staticmethod
     def _peak(device: torch.device, dtype: torch.dtype):
@@ -101,14 +112,23 @@ class Trainer:
             return LocalRunner(self.model, self.shard_batch, self.autocast, self.loss_scale)
         train, model_cfg = self.job.train, self.job.model
         shapes = StageShapes(
-            train.micro_batch, train.seq_len // self.groups.size("tp_cp"), model_cfg.hidden,
-            model_cfg.vocab_size, torch.bfloat16 if train.dtype == "bf16" else torch.float32,
+            train.micro_batch,
+            train.seq_len // self.groups.size("tp_cp"),
+            model_cfg.hidden,
+            model_cfg.vocab_size,
+            torch.bfloat16 if train.dtype == "bf16" else torch.float32,
         )
         return PipelineRunner(
-            stages, self.groups, self.job.parallel.pp_schedule,
+            stages,
+            self.groups,
+            self.job.parallel.pp_schedule,
             self.num_microbatches // self.groups.size("dp"),
             train.eval_batches // self.groups.size("dp"),
-            self.shard_batch, self.autocast, self.loss_scale, self.device, shapes,
+            self.shard_batch,
+            self.autocast,
+            self.loss_scale,
+            self.device,
+            shapes,
         )
 
     # ---- the step -------------------------------------------------------------------------
@@ -253,20 +273,34 @@ class Trainer:
         """Mean validation loss over train.eval_batches fixed micro-batches (split over dp)."""
         self.model.eval()
         train = self.job.train
-        batches = eval_batches(self.val_data, train.micro_batch, train.eval_batches,
-                               self.groups.coord("dp"), self.groups.size("dp"))
+        batches = eval_batches(
+            self.val_data,
+            train.micro_batch,
+            train.eval_batches,
+            self.groups.coord("dp"),
+            self.groups.size("dp"),
+        )
         total = self.sum_over_model(self.runner.evaluate(batches))
         self.model.train()
         return float(total) / (train.eval_batches * self.groups.size("tp_cp"))
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "skipped_steps": self.skipped_steps,
-                "loader": self.loader.state_dict()}
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "loader": self.loader.state_dict(),
+        }
 
     def save(self) -> Path:
         return save_checkpoint(
-            self.checkpoint_root, self.step, self.model, self.optimizer, self.trainer_state(),
-            job_to_toml(self.job), self.job.checkpoint.keep, self.groups,
+            self.checkpoint_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            job_to_toml(self.job),
+            self.job.checkpoint.keep,
+            self.groups,
         )
 
     def maybe_resume(self) -> Path | None:
@@ -276,7 +310,9 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
-            candidates = [p for p in reversed(list_checkpoints(self.checkpoint_root)) if is_intact(p)]
+            candidates = [
+                p for p in reversed(list_checkpoints(self.checkpoint_root)) if is_intact(p)
+            ]
         else:
             candidates = [find_resume_checkpoint(self.checkpoint_root, resume)]
         sections = job_to_dict(self.job)
@@ -298,8 +334,12 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         job, log = self.job, self.groups.is_logging_rank
         resumed = self.maybe_resume()
-        print0(log, f"moefold: {job.train.steps} steps, resumed from {resumed}" if resumed
-               else f"moefold: {job.train.steps} steps from scratch")
+        print0(
+            log,
+            f"moefold: {job.train.steps} steps, resumed from {resumed}"
+            if resumed
+            else f"moefold: {job.train.steps} steps from scratch",
+        )
         writer = MetricsWriter(self.out_dir, log, resume_step=self.step)
         rows = []
         progress = _progress_bar(log, job.train.steps, self.step)

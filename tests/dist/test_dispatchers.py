@@ -63,7 +63,11 @@ def body(rank, world_size, cfg_kwargs, ep, etp, routing):
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(reference.experts, name).grad.clone()
         dist.all_reduce(full)  # every rank's tokens contribute to the experts' gradient
-        want = full[experts_slice][:, :, ffn_slice] if name != "down_proj" else full[experts_slice][:, ffn_slice]
+        want = (
+            full[experts_slice][:, :, ffn_slice]
+            if name != "down_proj"
+            else full[experts_slice][:, ffn_slice]
+        )
         # Expert grads are complete only after summing over edp (the other token owners).
         got = getattr(layer.experts, name).grad.clone()
         dist.all_reduce(got, group=groups.group("edp"))
@@ -77,8 +81,13 @@ CASES = {
     "capacity-position": {"capacity_factor": 0.5, "drop_policy": "position"},
     "capacity-padded": {"capacity_factor": 1.0, "pad_to_capacity": True},
 }
-LAYOUTS = {"ep2": (2, 2, 1), "ep4": (4, 4, 1), "ep2-etp2": (4, 2, 2), "etp2": (2, 1, 2),
-           "ep4-etp2": (8, 4, 2)}
+LAYOUTS = {
+    "ep2": (2, 2, 1),
+    "ep4": (4, 4, 1),
+    "ep2-etp2": (4, 2, 2),
+    "etp2": (2, 1, 2),
+    "ep4-etp2": (8, 4, 2),
+}
 
 
 @pytest.mark.dist

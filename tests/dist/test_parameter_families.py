@@ -13,8 +13,13 @@ from tests.equivalence.layouts import TINY
 
 
 def body(rank, world_size, parallel):
-    overrides = [*TINY, "moe.shared_ffn_hidden=8", "model.attn_bias=true", "model.qk_norm=true",
-                 *[f"parallel.{k}={v}" for k, v in parallel.items()]]
+    overrides = [
+        *TINY,
+        "moe.shared_ffn_hidden=8",
+        "model.attn_bias=true",
+        "model.qk_norm=true",
+        *[f"parallel.{k}={v}" for k, v in parallel.items()],
+    ]
     job = load_job("tiny-moe", overrides)
     groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, world_size))
     model, _ = parallelize_model(build_model(job), job, groups)
@@ -24,17 +29,32 @@ def body(rank, world_size, parallel):
         shards = parameter_shards(param)
         if ".experts." in name:
             assert family == "expert" and [f for f, _ in shards] == ["ep", "etp"], name
-        elif groups.size("tp") > 1 and any(
-            key in name for key in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj",
-                                    "mlp.up_proj", "mlp.down_proj")
-        ) and ".shared_expert." not in name:
+        elif (
+            groups.size("tp") > 1
+            and any(
+                key in name
+                for key in (
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                )
+            )
+            and ".shared_expert." not in name
+        ):
             assert family == "tensor" and shards[0][0] == "tp", name
         else:
             assert family == "replicated" and shards == (), name
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("parallel", [{"tp": 2, "ep": 2}, {"pp": 2, "etp": 2}, {}],
-                         ids=["tp2-dp2__ep2", "pp2-dp2__pp2-etp2", "dp4"])
+@pytest.mark.parametrize(
+    "parallel",
+    [{"tp": 2, "ep": 2}, {"pp": 2, "etp": 2}, {}],
+    ids=["tp2-dp2__ep2", "pp2-dp2__pp2-etp2", "dp4"],
+)
 def test_every_parameter_in_exactly_one_family(parallel):
     run_ranks(body, 4, parallel)

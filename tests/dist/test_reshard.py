@@ -16,8 +16,12 @@ STEPS, SAVE_AT = 5, 2
 def train_body(rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str):
     """Train (resuming from ckpt_dir if it has a checkpoint) and stop after `stop_after` steps,
     saving there: the schedule is always the 5-step one."""
-    extra = (f"train.steps={STEPS}", f"checkpoint.dir={ckpt_dir}", "checkpoint.every=0",
-             "train.eval_every=0")
+    extra = (
+        f"train.steps={STEPS}",
+        f"checkpoint.dir={ckpt_dir}",
+        "checkpoint.every=0",
+        "train.eval_every=0",
+    )
     job = job_for(extra, parallel)
     groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, world_size))
     trainer = build_test_trainer(job, groups)
@@ -32,7 +36,10 @@ def train_body(rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str)
 ZERO1 = {"distributed_optimizer": "true"}
 PAIRS = {
     "dp4-zero1->dp2-zero1": ((4, ZERO1), (2, ZERO1)),
-    "tp2-dp2__ep4-zero1->pp2-dp2__pp2-ep2": ((4, {"tp": 2, "ep": 4, **ZERO1}), (4, {"pp": 2, "ep": 2})),
+    "tp2-dp2__ep4-zero1->pp2-dp2__pp2-ep2": (
+        (4, {"tp": 2, "ep": 4, **ZERO1}),
+        (4, {"pp": 2, "ep": 2}),
+    ),
     "pp2-tp2__pp2-ep2->dp4__ep4": ((4, {"pp": 2, "tp": 2, "ep": 2}), (4, {"ep": 4})),
     "dp2__ep2->pp2-cp2__pp2-ep2-etp2": ((2, {"ep": 2}), (8, {"pp": 2, "cp": 2, "ep": 2, "etp": 2})),
     "tp2-dp2__ep4->dp1": ((4, {"tp": 2, "ep": 4}), (1, {})),
@@ -55,5 +62,9 @@ def test_resume_under_another_layout_matches_single_process(pair, tmp_path):
     assert [step for step, _ in second] == [3, 4, 5]
     ref = reference((f"train.steps={STEPS}",))["losses"]
     got = [loss for _, loss in first + second]
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
-                               torch.tensor(ref, dtype=torch.float64), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64),
+        torch.tensor(ref, dtype=torch.float64),
+        rtol=LOSS_RTOL,
+        atol=0,
+    )

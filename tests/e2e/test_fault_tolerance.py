@@ -44,7 +44,9 @@ def nan_body(rank, world_size, job, nan_step):
                 before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
             rows.append(trainer.train_step())
             if trainer.step == nan_step:
-                unchanged = all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+                unchanged = all(
+                    torch.equal(before[n], p) for n, p in trainer.model.named_parameters()
+                )
     except FloatingPointError as error:
         return {"error": str(error), "rows": rows}
     return {"rows": rows, "unchanged": unchanged}
@@ -69,14 +71,16 @@ def test_nonfinite_stop_saves_and_raises(tmp_path):
 def test_corrupt_newest_checkpoint_falls_back_to_older(tmp_path):
     ckpt = tmp_path / "ck"
     full = losses(run_training_rows(tmp_path, "full", ()))
-    run_training_rows(tmp_path, "part", ("train.steps=4", f"checkpoint.dir={ckpt}",
-                                         "checkpoint.keep=3"))
+    run_training_rows(
+        tmp_path, "part", ("train.steps=4", f"checkpoint.dir={ckpt}", "checkpoint.keep=3")
+    )
     newest = list_checkpoints(ckpt)[-1]
     data_file = next(newest.glob("*.distcp"))
     data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match=newest.name):
-        run_training_rows(tmp_path, "explicit", (f"checkpoint.resume={newest}",
-                                                 f"checkpoint.dir={ckpt}"))
+        run_training_rows(
+            tmp_path, "explicit", (f"checkpoint.resume={newest}", f"checkpoint.dir={ckpt}")
+        )
     resumed = run_training_rows(tmp_path, "part", (f"checkpoint.dir={ckpt}",))
     assert [r["step"] for r in resumed] == [3, 4]  # from step 2, not the corrupt step 4
     assert losses(resumed) == full[2:]
@@ -130,21 +134,46 @@ def worker_pids(parent_pid: int) -> dict[int, int]:
         except OSError:
             continue
         env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"moefold" in cmdline and env.get(b"TORCHELASTIC_RUN_ID") and b"RANK" in env \
-                and str(parent_pid).encode() in env.get(b"MOEFOLD_TEST_PARENT", b""):
+        if (
+            b"moefold" in cmdline
+            and env.get(b"TORCHELASTIC_RUN_ID")
+            and b"RANK" in env
+            and str(parent_pid).encode() in env.get(b"MOEFOLD_TEST_PARENT", b"")
+        ):
             found[int(env[b"RANK"])] = int(entry.name)
     return found
 
 
 @pytest.mark.slow
 def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
-    common = [*TINY, "model.hidden=64", "train.steps=8", "checkpoint.every=2", "train.seq_len=64",
-              "train.micro_batch=2", "train.eval_every=0", "train.eval_batches=4", "parallel.ep=2",
-              f"data.cache_dir={tmp_path / 'cache'}"]
+    common = [
+        *TINY,
+        "model.hidden=64",
+        "train.steps=8",
+        "checkpoint.every=2",
+        "train.seq_len=64",
+        "train.micro_batch=2",
+        "train.eval_every=0",
+        "train.eval_batches=4",
+        "parallel.ep=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
 
     def launch(out, restarts):
-        args = [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--nproc", "4",
-                "--max-restarts", str(restarts), "--out", str(out)]
+        args = [
+            sys.executable,
+            "-m",
+            "moefold",
+            "train",
+            "--config",
+            "tiny-moe",
+            "--nproc",
+            "4",
+            "--max-restarts",
+            str(restarts),
+            "--out",
+            str(out),
+        ]
         for item in common:
             args += ["--set", item]
         env = {**os.environ, "MOEFOLD_TEST_PARENT": str(os.getpid())}
@@ -173,5 +202,9 @@ def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
     got = [(r["step"], r["loss"]) for r in read_metrics(metrics)]
     want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     assert got == want
-    assert json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-                       / "trainer.json").read_text())["step"] == 8
+    assert (
+        json.loads(
+            (list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "trainer.json").read_text()
+        )["step"]
+        == 8
+    )

@@ -12,11 +12,24 @@ from moefold.train.launch import run_training
 from moefold.train.metrics import read_metrics
 
 TINY = [
-    "model.hidden=32", "model.layers=2", "model.heads=4", "model.kv_heads=2",
-    "model.ffn_hidden=64", "model.vocab_size=96", "moe.num_experts=4", "moe.topk=2",
-    "moe.ffn_hidden=32", "train.seq_len=16", "train.global_batch=8", "train.micro_batch=4",
-    "train.steps=4", "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=2",
-    "data.source=synthetic", "checkpoint.every=2",
+    "model.hidden=32",
+    "model.layers=2",
+    "model.heads=4",
+    "model.kv_heads=2",
+    "model.ffn_hidden=64",
+    "model.vocab_size=96",
+    "moe.num_experts=4",
+    "moe.topk=2",
+    "moe.ffn_hidden=32",
+    "train.seq_len=16",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.steps=4",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "data.source=synthetic",
+    "checkpoint.every=2",
 ]
 
 
@@ -55,8 +68,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, extra):
 def test_metrics_row_has_required_fields(tmp_path):
     rows = run_training(tiny_job(tmp_path, "train.steps=1"), tmp_path / "m", "cpu")
     row = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
-    for key in ["step", "loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
-                "expert_load", "dropped_frac", "comm_bytes"]:
+    for key in [
+        "step",
+        "loss",
+        "aux_loss",
+        "z_loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+        "expert_load",
+        "dropped_frac",
+        "comm_bytes",
+    ]:
         assert key in row, key
     assert set(row["expert_load"]) == {"0", "1"}
     assert sum(row["expert_load"]["0"]) == 8 * 16 * 2  # global batch tokens x topk
@@ -65,15 +89,28 @@ def test_metrics_row_has_required_fields(tmp_path):
 
 
 def test_bf16_training_runs_and_learns(tmp_path):
-    rows = run_training(tiny_job(tmp_path, "train.dtype=bf16", "train.steps=6"), tmp_path / "bf", "cpu")
+    rows = run_training(
+        tiny_job(tmp_path, "train.dtype=bf16", "train.steps=6"), tmp_path / "bf", "cpu"
+    )
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
 def test_cli_rejects_bad_config_before_starting(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--set", "moe.topk=9",
-         "--out", str(tmp_path / "x")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "moefold",
+            "train",
+            "--config",
+            "tiny-moe",
+            "--set",
+            "moe.topk=9",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "moe.topk" in result.stderr and "num_experts" in result.stderr

@@ -19,10 +19,22 @@ from moefold.testing.reference import (
 
 # 8 heads / 4 kv heads allow tp up to 4; 8 experts allow ep up to 8; ffn widths allow etp 4.
 TINY = (
-    "model.hidden=32", "model.layers=2", "model.heads=8", "model.kv_heads=4",
-    "model.ffn_hidden=64", "model.vocab_size=128", "moe.num_experts=8", "moe.topk=2",
-    "moe.ffn_hidden=16", "moe.z_loss_coeff=0.001", "train.seq_len=16", "train.global_batch=16",
-    "train.micro_batch=2", "train.warmup_steps=1", "train.lr=0.01", "train.eval_batches=8",
+    "model.hidden=32",
+    "model.layers=2",
+    "model.heads=8",
+    "model.kv_heads=4",
+    "model.ffn_hidden=64",
+    "model.vocab_size=128",
+    "moe.num_experts=8",
+    "moe.topk=2",
+    "moe.ffn_hidden=16",
+    "moe.z_loss_coeff=0.001",
+    "train.seq_len=16",
+    "train.global_batch=16",
+    "train.micro_batch=2",
+    "train.warmup_steps=1",
+    "train.lr=0.01",
+    "train.eval_batches=8",
     "data.source=synthetic",
 )
 STEPS = 5
@@ -35,7 +47,7 @@ def job_for(model_overrides: tuple[str, ...], parallel: dict[str, object]):
     return load_job("tiny-moe", [*TINY, *model_overrides, *extra])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(model_overrides: tuple[str, ...]) -> dict:
     return single_process_reference(job_for(model_overrides, {}), STEPS)
 
@@ -51,16 +63,23 @@ def assert_matches(result: dict, ref: dict, check_grads: bool = True) -> None:
     torch.testing.assert_close(
         torch.tensor(result["losses"], dtype=torch.float64),
         torch.tensor(ref["losses"], dtype=torch.float64),
-        rtol=LOSS_RTOL, atol=0,
+        rtol=LOSS_RTOL,
+        atol=0,
     )
     # The global grad norm (and so clipping) sees every shard exactly once.
     torch.testing.assert_close(
         torch.tensor(result["grad_norms"], dtype=torch.float64),
         torch.tensor(ref["grad_norms"], dtype=torch.float64),
-        rtol=GRAD_RTOL, atol=0,
+        rtol=GRAD_RTOL,
+        atol=0,
     )
     if check_grads:
         assert result["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=GRAD_RTOL,
-                                       atol=GRAD_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name],
+                grad,
+                rtol=GRAD_RTOL,
+                atol=GRAD_ATOL,
+                msg=lambda m, n=name: f"{n}: {m}",
+            )

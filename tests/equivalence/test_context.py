@@ -11,8 +11,11 @@ LAYOUTS = {
     "tp2-cp2": (4, {"tp": 2, "cp": 2}, ()),
     "cp2-dp2__ep4": (4, {"cp": 2, "ep": 4}, ()),
     "tp2-cp2-dp2__ep8": (8, {"tp": 2, "cp": 2, "ep": 8}, ()),
-    "tp2-cp2-dp2__ep4-etp2-allgather": (8, {"tp": 2, "cp": 2, "ep": 4, "etp": 2,
-                                           "dispatcher": "allgather"}, ()),
+    "tp2-cp2-dp2__ep4-etp2-allgather": (
+        8,
+        {"tp": 2, "cp": 2, "ep": 4, "etp": 2, "dispatcher": "allgather"},
+        (),
+    ),
     "cp2-dp2__ep2-seq_aux": (4, {"cp": 2, "ep": 2}, ("moe.aux_loss=seq_aux",)),
     "tp2-cp2__ep4-global_aux": (4, {"tp": 2, "cp": 2, "ep": 4}, ("moe.aux_loss=global_aux",)),
 }

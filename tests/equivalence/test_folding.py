@@ -47,11 +47,19 @@ def test_folded_layout_matches_single_process(layout):
 ROUTER_VARIANTS = {
     "seq_aux": ("moe.aux_loss=seq_aux",),
     "global_aux": ("moe.aux_loss=global_aux",),
-    "expert_bias-sigmoid-groups": ("moe.score=sigmoid", "moe.expert_bias=true",
-                                   "moe.norm_topk_prob=true", "moe.num_groups=4",
-                                   "moe.group_topk=2", "moe.aux_loss=none"),
-    "shared-expert-pre-softmax": ("moe.pre_softmax=true", "moe.shared_ffn_hidden=24",
-                                  "moe.shared_gate=true"),
+    "expert_bias-sigmoid-groups": (
+        "moe.score=sigmoid",
+        "moe.expert_bias=true",
+        "moe.norm_topk_prob=true",
+        "moe.num_groups=4",
+        "moe.group_topk=2",
+        "moe.aux_loss=none",
+    ),
+    "shared-expert-pre-softmax": (
+        "moe.pre_softmax=true",
+        "moe.shared_ffn_hidden=24",
+        "moe.shared_gate=true",
+    ),
 }
 
 
@@ -62,8 +70,10 @@ ROUTER_VARIANTS = {
 )
 def test_router_options_match_single_process(variant, layout):
     model_overrides = ROUTER_VARIANTS[variant]
-    world_size, parallel = {"tp2-dp2__ep4": (4, {"tp": 2, "ep": 4}),
-                            "dp4__ep2-etp2": (4, {"ep": 2, "etp": 2})}[layout]
+    world_size, parallel = {
+        "tp2-dp2__ep4": (4, {"tp": 2, "ep": 4}),
+        "dp4__ep2-etp2": (4, {"ep": 2, "etp": 2}),
+    }[layout]
     result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=300)[0]
     assert_matches(result, reference(model_overrides))
 
@@ -95,8 +105,11 @@ def test_token_dropping_identical_across_expert_layouts_under_tp(mode):
     overrides = DROPPING[mode]
     runs = [
         run_ranks(layout_body, 4, overrides, parallel, timeout=300)[0]
-        for parallel in ({"tp": 2, "ep": 4}, {"tp": 2, "ep": 2, "etp": 2, "dispatcher": "allgather"},
-                         {"tp": 2})
+        for parallel in (
+            {"tp": 2, "ep": 4},
+            {"tp": 2, "ep": 2, "etp": 2, "dispatcher": "allgather"},
+            {"tp": 2},
+        )
     ]
     for other in runs[1:]:
         assert_matches(other, runs[0])

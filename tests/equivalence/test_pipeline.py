@@ -12,27 +12,54 @@ FOUR_LAYERS = ("model.layers=4",)
 LAYOUTS = {
     "pp2-1f1b": (2, {"pp": 2}, ()),
     "pp2-gpipe": (2, {"pp": 2, "pp_schedule": "gpipe"}, ()),
-    "pp2-uneven-1-2": (2, {"pp": 2, "pp_first_stage_layers": 1, "pp_last_stage_layers": 2},
-                       ("model.layers=3",)),
-    "pp4-uneven-1-2-2-1": (4, {"pp": 4, "pp_first_stage_layers": 1, "pp_last_stage_layers": 1},
-                           ("model.layers=6",)),
+    "pp2-uneven-1-2": (
+        2,
+        {"pp": 2, "pp_first_stage_layers": 1, "pp_last_stage_layers": 2},
+        ("model.layers=3",),
+    ),
+    "pp4-uneven-1-2-2-1": (
+        4,
+        {"pp": 4, "pp_first_stage_layers": 1, "pp_last_stage_layers": 1},
+        ("model.layers=6",),
+    ),
     "pp4-1f1b": (4, {"pp": 4}, FOUR_LAYERS),
-    "pp2-vpp2-interleaved": (2, {"pp": 2, "vpp": 2, "pp_schedule": "interleaved_1f1b"},
-                             FOUR_LAYERS),
+    "pp2-vpp2-interleaved": (
+        2,
+        {"pp": 2, "vpp": 2, "pp_schedule": "interleaved_1f1b"},
+        FOUR_LAYERS,
+    ),
     "pp2-dp2__pp2-ep2": (4, {"pp": 2, "ep": 2}, ()),
     "pp2-tp2-cp2__pp2-ep4": (8, {"pp": 2, "tp": 2, "cp": 2, "ep": 4}, ()),
     "pp2-cp2-dp2__pp2-ep2-etp2": (8, {"pp": 2, "cp": 2, "ep": 2, "etp": 2}, ()),
     "pp2-tp2-dp2__pp2-ep4": (8, {"pp": 2, "tp": 2, "ep": 4}, ()),
     "pp2-vpp2-tp2-dp2__pp2-ep4-allgather": (
-        8, {"pp": 2, "vpp": 2, "pp_schedule": "interleaved_1f1b", "tp": 2, "ep": 4,
-            "dispatcher": "allgather"}, FOUR_LAYERS),
+        8,
+        {
+            "pp": 2,
+            "vpp": 2,
+            "pp_schedule": "interleaved_1f1b",
+            "tp": 2,
+            "ep": 4,
+            "dispatcher": "allgather",
+        },
+        FOUR_LAYERS,
+    ),
     "pp2-tp2__pp2-ep2-global_aux": (4, {"pp": 2, "tp": 2, "ep": 2}, ("moe.aux_loss=global_aux",)),
-    "pp2-dp2__pp2-ep2-seq_aux-bias": (4, {"pp": 2, "ep": 2},
-                                     ("moe.aux_loss=seq_aux", "moe.expert_bias=true")),
-    "pp2-dp2__pp2-ep2-cf1-padded": (4, {"pp": 2, "ep": 2},
-                                   ("moe.capacity_factor=1.0", "moe.pad_to_capacity=true")),
-    "pp2-cp2__pp2-ep4-cf1-position": (8, {"pp": 2, "cp": 2, "ep": 4},
-                                     ("moe.capacity_factor=1.0", "moe.drop_policy=position")),
+    "pp2-dp2__pp2-ep2-seq_aux-bias": (
+        4,
+        {"pp": 2, "ep": 2},
+        ("moe.aux_loss=seq_aux", "moe.expert_bias=true"),
+    ),
+    "pp2-dp2__pp2-ep2-cf1-padded": (
+        4,
+        {"pp": 2, "ep": 2},
+        ("moe.capacity_factor=1.0", "moe.pad_to_capacity=true"),
+    ),
+    "pp2-cp2__pp2-ep4-cf1-position": (
+        8,
+        {"pp": 2, "cp": 2, "ep": 4},
+        ("moe.capacity_factor=1.0", "moe.drop_policy=position"),
+    ),
 }
 
 

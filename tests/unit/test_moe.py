@@ -49,8 +49,12 @@ CASES = {
     "capacity-probs": {"capacity_factor": 0.75},
     "capacity-position": {"capacity_factor": 0.75, "drop_policy": "position"},
     "capacity-padded": {"capacity_factor": 1.0, "pad_to_capacity": True},
-    "sigmoid-shared-gate": {"score": "sigmoid", "norm_topk_prob": True, "shared_ffn_hidden": 6,
-                            "shared_gate": True},
+    "sigmoid-shared-gate": {
+        "score": "sigmoid",
+        "norm_topk_prob": True,
+        "shared_ffn_hidden": 6,
+        "shared_gate": True,
+    },
     "topk1-seq-aux": {"topk": 1, "aux_loss": "seq_aux"},
 }
 
