@@ -283,12 +283,16 @@ def _routed(x: _Layer) -> LayerCost:
     # router input, expert inputs (after the etp gather), gate/up, activation, outputs
     cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
     calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
+    # a rank sends its own rows (the mean); the exchange lasts as long as the busiest receiver
+    kept = x.t * moe.topk * min(1.0, moe.capacity_factor or 1.0)
     ep_span = x.topo.ep
-    ep_sent = x.bytes * rows * m.hidden * (ep_span.size - 1) / ep_span.size * calls
-    cost.sent["ep"] = ep_sent
+    row_bytes = x.bytes * m.hidden * (ep_span.size - 1) / ep_span.size * calls
+    cost.sent["ep"] = kept * row_bytes
     # each exchange is preceded by a count exchange: two calls' latency
-    cost.comm["ep"] = collective_time(ep_sent, ep_span, x.device, 2 * calls, all_to_all=True)
+    cost.comm["ep"] = collective_time(rows * row_bytes, ep_span, x.device, 2 * calls,
+                                      all_to_all=True)
     x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
+    cost.sent["etp"] *= kept / rows
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
     if not x.device.overlap:  # CPU: moefold loops over local experts; GPUs use a grouped GEMM
         ops += OPS_PER_LOCAL_EXPERT * local_experts

@@ -34,7 +34,8 @@ def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
         assert REQUIRED_ROWS <= names
     for row in rows:
         assert row[2] == "1"
-        assert all(float(value) > 0 for value in row[3:])
+        assert float(row[3]) > 0  # tokens/s; the rounded TFLOP/s of a tiny workload may read 0
+        assert all(float(value) >= 0 for value in row[4:])
     assert {row[6] for row in rows if row[0] == "dense"} == {"1.000"}
     assert "# peak: fp32 " in out and "bf16 parameters and inputs" in out
 

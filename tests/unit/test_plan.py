@@ -175,7 +175,7 @@ def test_memory_model_moves_the_right_way():
     assert _memory(w, h100, distributed_optimizer=False)["optimizer"] > 3 * base["optimizer"]
     interleaved = _memory(w, h100, vpp=7)
     assert interleaved["activations"] > base["activations"]
-    assert interleaved["weights"] == base["weights"]
+    assert interleaved["weights"] == pytest.approx(base["weights"], rel=1e-3)
     more_experts = _memory(w, h100, ep=8, edp=2)
     assert more_experts["weights"] < base["weights"]
 
