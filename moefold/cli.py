@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench = sub.add_parser("bench", help="benchmarks that print figures (see moefold/bench)")
-    bench.add_argument("suite", choices=["moe-layer"], help="which benchmark")
+    bench.add_argument("suite", choices=["moe-layer", "pipeline-bubble"], help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or run folder")
@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, argv if argv is not None else sys.argv[1:])
         if args.command == "bench":
-            from moefold.bench.moe_layer import main as moe_layer_main
+            import importlib
 
-            return moe_layer_main(args.bench_args)
+            module = importlib.import_module(f"moefold.bench.{args.suite.replace('-', '_')}")
+            return module.main(args.bench_args)
         if args.command == "generate":
             from moefold.generate import generate_from_checkpoint
 
