@@ -133,11 +133,17 @@ def gguf_to_hf(
     slice for tests, not a good language model. `reader` may be an already open GGUFReader
     of `gguf_path` (parsing the header of SmolLM2's file takes about 5 s).
     """
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise ValueError("GGUF: the gguf package is missing; `pip install gguf`") from error
 
     from moefold.interop.hf import DEFAULT_SHARD_BYTES, ShardWriter, prepare_output_dir
 
-    reader = reader or GGUFReader(str(gguf_path))
+    if reader is None:
+        if not Path(gguf_path).is_file():
+            raise ValueError(f"--from-gguf: {gguf_path} is not a file; pass a .gguf or 'smollm2'")
+        reader = GGUFReader(str(gguf_path))
     config = hf_config_from_gguf(reader, num_layers)
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, "Hugging Face model")

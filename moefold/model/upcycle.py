@@ -12,11 +12,11 @@ into Mixture of Experts", and Megatron-Core's upcycling_utils): the dense MLP is
 shards along F (gate and up rows paired with the matching down columns). Expert j holds shard
 j mod G and router row j copies base row j div G, so the G experts of virtual group m have equal
 logits, a top-k with K a multiple of G picks whole groups, and every chosen group reassembles
-the dense MLP. The MoE output is then the dense output scaled by 1/a:
-    top-k then softmax:  a chosen group's G experts share one K-way softmax slot each, so the
-                         groups' mass is 1/G:                       a = G
-    softmax then top-k:  under a uniform router every expert gets 1/E and K experts are kept:
-                         a = E * G / K  (= E0 * G^2 / K with E0 = E / G coarse experts)
+the dense MLP. The MoE output is then the dense output y scaled by 1/a:
+    top-k then softmax:  the K probabilities sum to 1 and the G members of a chosen group share
+                         one value, so group m adds p_m * y with sum_m p_m = 1/G:   a = G
+    softmax then top-k:  under a uniform router every expert gets 1/E, so each of the K/G
+                         chosen groups adds y/E:    a = E * G / K  (= E0 * G^2 / K, E0 = E / G)
 The second is exact only for a uniform router; a small router init keeps it close.
 
 Scaling rules multiply the expert weights so that the expert output grows by a:

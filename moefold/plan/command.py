@@ -31,17 +31,35 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `plan` on the CLI's sub-parsers."""
     parser = sub.add_parser("plan", help="rank parallel layouts by predicted step time")
     parser.add_argument("--model", required=True, help="preset name or TOML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override a field of the model config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a field of the model config",
+    )
     parser.add_argument("--gpus", type=int, required=True, help="number of devices (ranks)")
-    parser.add_argument("--gpu", default="h100", choices=device_names(),
-                        help="device; 'cpu' measures this machine once (cached)")
+    parser.add_argument(
+        "--gpu",
+        default="h100",
+        choices=device_names(),
+        help="device; 'cpu' measures this machine once (cached)",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="default: the config's")
     parser.add_argument("--global-batch", type=int, default=None, help="default: the config's")
-    parser.add_argument("--nodes-of", type=int, default=None,
-                        help="devices per node (default: 8 for GPUs, 72 for gb200, --gpus on cpu)")
-    parser.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
-                        help="--no-fold keeps the pre-folding rules (etp = tp, ep within dp)")
+    parser.add_argument(
+        "--nodes-of",
+        type=int,
+        default=None,
+        help="devices per node (default: 8 for GPUs, 72 for gb200, --gpus on cpu)",
+    )
+    parser.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-fold keeps the pre-folding rules (etp = tp, ep within dp)",
+    )
     drop = parser.add_mutually_exclusive_group()
     drop.add_argument("--dropless", action="store_true", help="no capacity (default: config)")
     drop.add_argument("--capacity-factor", type=float, default=None, metavar="CF")
@@ -65,8 +83,9 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     global_batch = args.global_batch or job.train.global_batch
     if seq_len < 1 or global_batch < 1:
         raise ConfigError("--seq-len and --global-batch: must be >= 1")
-    return Workload(model=job.model, moe=moe, seq_len=seq_len, global_batch=global_batch,
-                    dtype=job.train.dtype)
+    return Workload(
+        model=job.model, moe=moe, seq_len=seq_len, global_batch=global_batch, dtype=job.train.dtype
+    )
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -92,10 +111,17 @@ def run_plan(args: argparse.Namespace) -> int:
         pre = plan(w, args.gpus, device, nodes_of=nodes_of, fold=False, top=1)
         baseline = pre.ranked[0] if pre.ranked else None
     query = {
-        "model": args.model, "overrides": list(args.overrides), "gpus": args.gpus,
-        "gpu": args.gpu, "nodes_of": nodes_of, "seq_len": w.seq_len,
-        "global_batch": w.global_batch, "fold": args.fold,
-        "capacity_factor": w.moe.capacity_factor, "dtype": w.dtype, "top": args.top,
+        "model": args.model,
+        "overrides": list(args.overrides),
+        "gpus": args.gpus,
+        "gpu": args.gpu,
+        "nodes_of": nodes_of,
+        "seq_len": w.seq_len,
+        "global_batch": w.global_batch,
+        "fold": args.fold,
+        "capacity_factor": w.moe.capacity_factor,
+        "dtype": w.dtype,
+        "top": args.top,
     }
     document = to_document(query, device, result, baseline)
     if args.json:
@@ -126,8 +152,9 @@ def layout_entry(rank: int, e: Estimate) -> dict[str, Any]:
     entry: dict[str, Any] = {"rank": rank}
     for name in ("tp", "cp", "pp", "vpp", "dp", "etp", "ep", "edp", "micro_batch"):
         entry[name] = getattr(c, name)
-    entry.update(recompute=c.recompute, distributed_optimizer=c.distributed_optimizer,
-                 folded=c.folded)
+    entry.update(
+        recompute=c.recompute, distributed_optimizer=c.distributed_optimizer, folded=c.folded
+    )
     entry["memory_gib"] = {k: round(e.memory[k] / GIB, 3) for k in (*MEMORY_KINDS, "total")}
     entry["time_s"] = {k: round(e.time[k], 5) for k in TIME_KEYS}
     entry["comm_bytes"] = {k: int(e.comm_bytes.get(k, 0)) for k in FAMILIES}
@@ -143,14 +170,18 @@ def to_document(query: dict, device: Device, result: Plan, baseline: Estimate | 
         "schema": SCHEMA,
         "query": query,
         "device": {
-            "name": device.name, "peak_tflops": round(device.peak_flops / 1e12, 2),
+            "name": device.name,
+            "peak_tflops": round(device.peak_flops / 1e12, 2),
             "memory_gib": round(device.memory_bytes / GIB, 2),
             "intra_node_gbps": round(device.intra_node_bandwidth / 1e9, 2),
             "inter_node_gbps": round(device.inter_node_bandwidth / 1e9, 2),
             "source": device.source,
         },
-        "counts": {"candidates": result.num_candidates, "evaluated": result.num_evaluated,
-                   "fitting": result.num_fitting},
+        "counts": {
+            "candidates": result.num_candidates,
+            "evaluated": result.num_evaluated,
+            "fitting": result.num_fitting,
+        },
         "layouts": [layout_entry(i + 1, e) for i, e in enumerate(result.ranked)],
         "without_folding": layout_entry(1, baseline) if baseline else None,
     }
@@ -166,7 +197,9 @@ _HEADER = (
 
 def _row(entry: dict) -> str:
     m, t = entry["memory_gib"], entry["time_s"]
-    flags = f"{'y' if entry['recompute'] else 'n':>2} {'y' if entry['distributed_optimizer'] else 'n':>2}"
+    recompute = "y" if entry["recompute"] else "n"
+    sharded = "y" if entry["distributed_optimizer"] else "n"
+    flags = f"{recompute:>2} {sharded:>2}"
     return (
         f"{entry['rank']:>3} {entry['tp']:>2} {entry['cp']:>2} {entry['pp']:>2} "
         f"{entry['vpp']:>3} {entry['dp']:>4} | {entry['etp']:>3} {entry['ep']:>3} "
@@ -198,9 +231,15 @@ def format_table(document: dict) -> str:
     if not document["layouts"]:
         lines.append("  (no layout fits in memory: add devices or shorten the sequence)")
     if document["without_folding"]:
-        lines += ["best layout under the pre-folding rules (--no-fold):",
-                  _row(document["without_folding"])]
+        lines += [
+            "best layout under the pre-folding rules (--no-fold):",
+            _row(document["without_folding"]),
+        ]
     if document["layouts"]:
-        lines.append("train the first with: moefold train --config " + q["model"] + " "
-                     + " ".join(f"--set {s}" for s in document["layouts"][0]["set"]))
+        lines.append(
+            "train the first with: moefold train --config "
+            + q["model"]
+            + " "
+            + " ".join(f"--set {s}" for s in document["layouts"][0]["set"])
+        )
     return "\n".join(lines)

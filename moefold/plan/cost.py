@@ -12,22 +12,26 @@ K top-k, Fe / Fs routed / shared expert FFN, V vocab; t = b*S/(cp*tp) tokens a r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
-from moefold.plan.memory import LocalParams, local_params, logits_bytes, memory_breakdown
-from moefold.plan.memory import param_bytes, rank_layers
+from moefold.plan.memory import (
+    LocalParams,
+    local_params,
+    logits_bytes,
+    memory_breakdown,
+    param_bytes,
+    rank_layers,
+)
 
 # ---- global constants (docs/planner.md, "Constants") -----------------------------------------
-COLLECTIVE_EFFICIENCY = 0.80  # achieved / link bandwidth of ring all-gather, reduce-scatter
-ALL_TO_ALL_EFFICIENCY = 0.60  # achieved / link bandwidth of all-to-all (many small messages)
-FLASH_EFFICIENCY = 0.65  # fused attention / large-GEMM rate (cuDNN / FlashAttention-3 on H100)
 TP_OVERLAP = 0.50  # share of tp all-gather / reduce-scatter hidden behind GEMMs (overlap runtimes)
 DROPLESS_IMBALANCE = 1.15  # busiest rank's routed rows / mean, dropless with a balancing loss
-ELEMENTWISE_PASSES = 4  # memory passes per saved activation byte (fwd write, bwd read, grad r/w)
 # aten ops per layer, forward + backward, counted in moefold on CPU (docs/planner.md)
 OPS_ATTENTION, OPS_DENSE_MLP, OPS_MOE, OPS_PER_LOCAL_EXPERT, OPS_DISPATCH = 147, 74, 149, 28, 40
+OPS_HEAD = 20
 FAMILIES = ("tp", "cp", "ep", "etp", "pp", "dp", "edp")
 
 
@@ -54,9 +58,9 @@ class Candidate:
         return f"{dense} | etp{self.etp} ep{self.ep} edp{self.edp}"
 
 
-@dataclass(frozen=True)
-class GroupSpan:
-    """How one family's groups sit on nodes (worst group of the family)."""
+class GroupSpan(NamedTuple):
+    """How one family's groups sit on nodes (worst group of the family); a tuple, so cache
+    keys built from it hash fast."""
 
     size: int
     nodes: int  # nodes the group spans
@@ -130,14 +134,15 @@ def gemm_time(m: float, n: float, k: float, device: Device) -> float:
 
 
 def attention_time(flops: float, block: float, device: Device) -> float:
-    """Seconds of fused causal attention: FLASH_EFFICIENCY of the GEMM rate, and like a GEMM
-    slower on short blocks (both the query and the key block dimension count)."""
+    """Seconds of fused causal attention: the device's attention rate (a fraction of its peak),
+    and like a GEMM slower on short blocks (the query and the key block dimension count)."""
     share = block / (block + device.gemm_half_dim)
-    return flops / (device.peak_flops * device.gemm_efficiency * FLASH_EFFICIENCY * share * share)
+    return flops / (device.peak_flops * device.attention_efficiency * share * share)
 
 
-def collective_time(nbytes: float, span: GroupSpan, device: Device, calls: float,
-                    all_to_all: bool = False) -> float:
+def collective_time(
+    nbytes: float, span: GroupSpan, device: Device, calls: float, all_to_all: bool = False
+) -> float:
     """Seconds for this rank to send `nbytes` over the groups of `span` in `calls` collectives.
 
     Ring collectives inside a node run at NVLink speed. Across nodes, the k members a group has
@@ -151,7 +156,7 @@ def collective_time(nbytes: float, span: GroupSpan, device: Device, calls: float
     crosses = span.nodes > 1
     step_latency = device.inter_node_latency if crosses else device.intra_node_latency
     if all_to_all:
-        eff = ALL_TO_ALL_EFFICIENCY
+        eff = device.all_to_all_efficiency
         inside = nbytes * (1 - span.off_node) / (device.intra_node_bandwidth * eff)
         outside = nbytes * span.off_node / (device.inter_node_bandwidth * eff)
         steps = 1 if device.overlap else span.size - 1  # gloo sends pairwise, one at a time
@@ -159,7 +164,9 @@ def collective_time(nbytes: float, span: GroupSpan, device: Device, calls: float
     bandwidth = device.intra_node_bandwidth
     if crosses:
         bandwidth = min(bandwidth, span.per_node * device.inter_node_bandwidth)
-    return nbytes / (bandwidth * COLLECTIVE_EFFICIENCY) + calls * (span.size - 1) * step_latency
+    return (
+        nbytes / (bandwidth * device.collective_efficiency) + calls * (span.size - 1) * step_latency
+    )
 
 
 # ---- one layer, one micro-batch ----------------------------------------------------------------
@@ -176,17 +183,24 @@ class LayerCost:
     activations: float = 0.0  # bytes kept for the backward
 
     def scaled(self, factor: float) -> LayerCost:
-        out = LayerCost(compute=self.compute * factor, attention_core=self.attention_core * factor,
-                        activations=self.activations * factor)
+        out = LayerCost(
+            compute=self.compute * factor,
+            attention_core=self.attention_core * factor,
+            activations=self.activations * factor,
+        )
         out.comm = {f: v * factor for f, v in self.comm.items()}
         out.sent = {f: v * factor for f, v in self.sent.items()}
         return out
 
     def with_pp(self, sent: float, seconds: float) -> LayerCost:
         """A copy with the pipeline transfers set (the layer sums are shared across vpp)."""
-        out = LayerCost(compute=self.compute, attention_core=self.attention_core,
-                        comm={**self.comm, "pp": seconds}, sent={**self.sent, "pp": sent},
-                        activations=self.activations)
+        out = LayerCost(
+            compute=self.compute,
+            attention_core=self.attention_core,
+            comm={**self.comm, "pp": seconds},
+            sent={**self.sent, "pp": sent},
+            activations=self.activations,
+        )
         return out
 
     def add(self, other: LayerCost) -> LayerCost:
@@ -219,7 +233,7 @@ class _Layer:
         """Add memory-bound elementwise work and per-op overhead to `cost` (a replayed forward
         redoes its share: one pass and a third of the ops)."""
         replay = (self.passes) / 3
-        passes = ELEMENTWISE_PASSES + self.forwards - 1
+        passes = self.device.elementwise_passes + self.forwards - 1
         elementwise = passes * cost.activations / self.device.memory_bandwidth
         cost.compute += elementwise + replay * ops * self.device.op_overhead
         return cost
@@ -275,9 +289,11 @@ def _routed(x: _Layer) -> LayerCost:
     width = moe.ffn_hidden / c.etp
     cost = LayerCost()
     cost.compute = x.gemms([(x.t, moe.num_experts, m.hidden)])
-    if x.device.overlap:  # GPUs: one grouped GEMM tiles all local experts' rows together
-        cost.compute += x.gemms([(rows * c.etp, 2 * width, m.hidden), (rows * c.etp, m.hidden, width)])
-    else:  # CPU: moefold loops over the local experts, one GEMM each
+    if x.device.grouped_gemm:  # one grouped GEMM tiles all local experts' rows together
+        cost.compute += x.gemms(
+            [(rows * c.etp, 2 * width, m.hidden), (rows * c.etp, m.hidden, width)]
+        )
+    else:  # a loop over the local experts, one GEMM each (moefold on CPU)
         experts = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
         cost.compute += local_experts * x.gemms(experts)
     # router input, expert inputs (after the etp gather), gate/up, activation, outputs
@@ -289,25 +305,28 @@ def _routed(x: _Layer) -> LayerCost:
     row_bytes = x.bytes * m.hidden * (ep_span.size - 1) / ep_span.size * calls
     cost.sent["ep"] = kept * row_bytes
     # each exchange is preceded by a count exchange: two calls' latency
-    cost.comm["ep"] = collective_time(rows * row_bytes, ep_span, x.device, 2 * calls,
-                                      all_to_all=True)
+    cost.comm["ep"] = collective_time(
+        rows * row_bytes, ep_span, x.device, 2 * calls, all_to_all=True
+    )
     x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
     cost.sent["etp"] *= kept / rows
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
-    if not x.device.overlap:  # CPU: moefold loops over local experts; GPUs use a grouped GEMM
+    if not x.device.grouped_gemm:
         ops += OPS_PER_LOCAL_EXPERT * local_experts
     return x.finish(cost, ops)
 
 
-def layer_costs(w: Workload, c: Candidate, topo: Topology,
-                device: Device) -> tuple[LayerCost, LayerCost]:
+def layer_costs(
+    w: Workload, c: Candidate, topo: Topology, device: Device
+) -> tuple[LayerCost, LayerCost]:
     """(dense layer, MoE layer) per micro-batch; each includes its attention block."""
     x = _Layer(w, c, topo, device)
     attention = _attention(x)
     dense = attention.add(_mlp(x, w.model.ffn_hidden, OPS_DENSE_MLP))
     if not w.moe.enabled:
         return dense, dense
-    moe = attention.add(_mlp(x, w.moe.shared_ffn_hidden, 0)).add(_routed(x))
+    shared_ops = OPS_DENSE_MLP if w.moe.shared_ffn_hidden else 0
+    moe = attention.add(_mlp(x, w.moe.shared_ffn_hidden, shared_ops)).add(_routed(x))
     return dense, moe
 
 
@@ -318,7 +337,7 @@ def head_cost(w: Workload, c: Candidate, topo: Topology, device: Device) -> Laye
     cost.compute = 3 * gemm_time(x.q, w.model.vocab_size / c.tp, w.model.hidden, device)
     cost.activations = x.bytes * x.t * w.model.hidden + logits_bytes(w, c)
     x.tp_region(cost)
-    return x.finish(cost, 20)
+    return x.finish(cost, OPS_HEAD)
 
 
 # ---- the step ----------------------------------------------------------------------------------
@@ -353,19 +372,45 @@ class CostModel:
         self._ranks: dict = {}
         self._sums: dict = {}
         self._checked: dict = {}
+        self._counts: dict = {}
+        self._param_cache: dict = {}
+
+    @staticmethod
+    def _layer_key(c: Candidate, topo: Topology) -> tuple:
+        """What per-layer costs depend on: degrees, micro-batch, recompute, and the placement
+        of the families a layer talks on."""
+        return (
+            c.tp,
+            c.cp,
+            c.ep,
+            c.etp,
+            c.micro_batch,
+            c.recompute,
+            topo.tp,
+            topo.cp,
+            topo.ep,
+            topo.etp,
+        )
 
     def layers(self, c: Candidate, topo: Topology) -> tuple[LayerCost, LayerCost, LayerCost]:
         """(dense layer, MoE layer, head) per micro-batch."""
-        key = (c.tp, c.cp, c.pp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo)
+        key = self._layer_key(c, topo)
         if key not in self._layers:
-            self._layers[key] = (*layer_costs(self.w, c, topo, self.device),
-                                 head_cost(self.w, c, topo, self.device))
+            self._layers[key] = (
+                *layer_costs(self.w, c, topo, self.device),
+                head_cost(self.w, c, topo, self.device),
+            )
         return self._layers[key]
+
+    def rank_layers(self, pp: int, vpp: int) -> tuple:
+        """(dense, MoE) layer counts of each pipeline rank."""
+        if (pp, vpp) not in self._counts:
+            self._counts[(pp, vpp)] = rank_layers(self.w.model.layers, pp, vpp, self.moe_flags)
+        return self._counts[(pp, vpp)]
 
     def rank(self, c: Candidate, topo: Topology, rank: int) -> RankCost:
         """Per-micro-batch cost of pipeline rank `rank`."""
-        key = (c.tp, c.cp, c.pp, c.vpp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo,
-               rank)
+        key = (self._layer_key(c, topo), c.pp, c.vpp, rank, topo.pp)
         if key not in self._ranks:
             self._ranks[key] = self._rank(c, topo, rank)
         return self._ranks[key]
@@ -373,13 +418,9 @@ class CostModel:
     def _rank(self, c: Candidate, topo: Topology, rank: int) -> RankCost:
         w, device = self.w, self.device
         dense, moe, _ = self.layers(c, topo)
-        num_dense, num_moe = rank_layers(w.model.layers, c.pp, c.vpp, self.moe_flags)[rank]
+        num_dense, num_moe = self.rank_layers(c.pp, c.vpp)[rank]
         last = rank == c.pp - 1
-        cost = self._sum(c, topo, num_dense, num_moe, last)
-        exposed = dict(cost.comm)
-        if device.overlap:
-            exposed["tp"] *= 1 - TP_OVERLAP
-            exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
+        cost, exposed, time = self._sum(c, topo, num_dense, num_moe, last)
         if c.pp > 1:  # each virtual stage sends its output on and receives a gradient back
             tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
             p2p = 2 * c.vpp * w.act_bytes * tokens * w.model.hidden
@@ -387,31 +428,39 @@ class CostModel:
             p2p_time = collective_time(p2p, span, device, 2 * c.vpp)
             cost = cost.with_pp(p2p, p2p_time)
             # interleaved schedules overlap a chunk's transfers with the next chunk's compute
-            exposed["pp"] = 0.0 if device.overlap and c.vpp > 1 else p2p_time
-        time = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
-        params = local_params(w, c, num_dense, num_moe, rank == 0, last)
+            exposed = {**exposed, "pp": 0.0 if device.overlap and c.vpp > 1 else p2p_time}
+            time += exposed["pp"]
+        params = self._params(c, num_dense, num_moe, rank == 0, last)
         largest = max(dense.activations if num_dense else 0.0, moe.activations if num_moe else 0.0)
         return RankCost(cost, exposed, time, params, largest, num_dense + num_moe)
 
-    def _sum(self, c: Candidate, topo: Topology, num_dense: int, num_moe: int,
-             last: bool) -> LayerCost:
-        """Cost of this many dense and MoE layers (and the head when `last`), cached."""
-        key = (c.tp, c.cp, c.pp, c.ep, c.etp, c.micro_batch, c.recompute, c.folded, topo,
-               num_dense, num_moe, last)
+    def _sum(
+        self, c: Candidate, topo: Topology, num_dense: int, num_moe: int, last: bool
+    ) -> tuple[LayerCost, dict[str, float], float]:
+        """Cost of this many dense and MoE layers (and the head when `last`), what of its
+        communication is exposed, and its time; cached."""
+        key = (self._layer_key(c, topo), num_dense, num_moe, last)
         if key not in self._sums:
             dense, moe, head = self.layers(c, topo)
             cost = LayerCost()
             for layer, count in ((dense, num_dense), (moe, num_moe)):
                 if count:
                     cost = cost.add(layer.scaled(count))
-            self._sums[key] = cost.add(head) if last else cost
+            if last:
+                cost = cost.add(head)
+            exposed = dict(cost.comm)
+            if self.device.overlap:
+                exposed["tp"] *= 1 - TP_OVERLAP
+                exposed["cp"] = max(0.0, cost.comm["cp"] - cost.attention_core)
+            time = cost.compute + sum(exposed[f] for f in ("tp", "cp", "ep", "etp", "pp"))
+            self._sums[key] = (cost, exposed, time)
         return self._sums[key]
 
     def ranks_to_check(self, pp: int, vpp: int) -> tuple[int, ...]:
         """The first rank (most activations, the embedding), the last (the head) and one rank
         of every other mix of dense and MoE layers."""
         if (pp, vpp) not in self._checked:
-            counts = rank_layers(self.w.model.layers, pp, vpp, self.moe_flags)
+            counts = self.rank_layers(pp, vpp)
             chosen, seen = {0, pp - 1}, {counts[0], counts[-1]}
             for rank, mix in enumerate(counts):
                 if mix not in seen:
@@ -420,14 +469,42 @@ class CostModel:
             self._checked[(pp, vpp)] = tuple(sorted(chosen))
         return self._checked[(pp, vpp)]
 
-    def memory(self, c: Candidate, topo: Topology, rank: int) -> dict[str, float]:
-        """Memory of pipeline rank `rank`, by kind."""
-        rc = self.rank(c, topo, rank)
-        return memory_breakdown(self.w, c, self.device, rank, rc.params, rc.cost.activations,
-                                rc.largest_layer, rc.num_layers)
+    def memory(self, c: Candidate, topo: Topology, rank: int | None = None) -> dict[str, float]:
+        """Memory of pipeline rank `rank` (default: the fullest rank), by kind (no time is
+        computed)."""
+        fullest: dict[str, float] = {}
+        ranks = self.ranks_to_check(c.pp, c.vpp) if rank is None else (rank,)
+        for r in ranks:
+            num_dense, num_moe = self.rank_layers(c.pp, c.vpp)[r]
+            last = r == c.pp - 1
+            cost = self._sum(c, topo, num_dense, num_moe, last)[0]
+            dense, moe, _ = self.layers(c, topo)
+            largest = max(
+                dense.activations if num_dense else 0.0, moe.activations if num_moe else 0.0
+            )
+            params = self._params(c, num_dense, num_moe, r == 0, last)
+            mem = memory_breakdown(
+                self.w, c, self.device, r, params, cost.activations, largest, num_dense + num_moe
+            )
+            if not fullest or mem["total"] > fullest["total"]:
+                fullest = mem
+        return fullest
 
-    def data_parallel(self, c: Candidate, topo: Topology,
-                      rc: RankCost) -> tuple[dict[str, float], dict[str, float]]:
+    def _params(
+        self, c: Candidate, num_dense: int, num_moe: int, first: bool, last: bool
+    ) -> LocalParams:
+        key = (c.tp, c.ep, c.etp, num_dense, num_moe, first, last)
+        if key not in self._param_cache:
+            self._param_cache[key] = local_params(self.w, c, num_dense, num_moe, first, last)
+        return self._param_cache[key]
+
+    def fits(self, c: Candidate, topo: Topology) -> bool:
+        """Whether `c` fits in the device's memory."""
+        return self.memory(c, topo)["total"] <= self.device.memory_bytes
+
+    def data_parallel(
+        self, c: Candidate, topo: Topology, rc: RankCost
+    ) -> tuple[dict[str, float], dict[str, float]]:
         """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) grads."""
         weight, grad, _ = param_bytes(self.w.dtype)
         reduce_time, gather_time, sent = {}, {}, {}
@@ -454,7 +531,7 @@ class CostModel:
 
         The time is left empty for a candidate that does not fit, unless `always`."""
         ranks = self.ranks_to_check(c.pp, c.vpp)
-        memory = max((self.memory(c, topo, r) for r in ranks), key=lambda mem: mem["total"])
+        memory = self.memory(c, topo)
         fits = memory["total"] <= self.device.memory_bytes
         if not fits and not always:  # what does not fit is never ranked: skip its time
             return Estimate(candidate=c, memory=memory, fits=False)
@@ -474,9 +551,12 @@ class CostModel:
         sent.update(dp_sent)
         world = c.dp * c.cp * c.tp * c.pp
         return Estimate(
-            candidate=c, time=time, memory=memory, comm_bytes=sent, step_time=step,
+            candidate=c,
+            time=time,
+            memory=memory,
+            comm_bytes=sent,
+            step_time=step,
             tokens_per_s=self.tokens_per_step / step,
             mfu=self.flops_per_step / step / (world * self.device.peak_flops),
             fits=fits,
         )
-

@@ -42,8 +42,9 @@ class LocalParams:
     expert: float  # gradients reduced over edp
 
 
-def local_params(w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool,
-                 last: bool) -> LocalParams:
+def local_params(
+    w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool, last: bool
+) -> LocalParams:
     """Parameters of a rank with these layers; the embedding and head are vocab-parallel over
     tp and the shared expert is tp-sharded (Megatron-Core; moefold replicates both today)."""
     m, moe = w.model, w.moe
@@ -58,7 +59,9 @@ def local_params(w: Workload, c: Candidate, num_dense: int, num_moe: int, first:
     experts = moe.num_experts / c.ep * 3 * m.hidden * moe.ffn_hidden / c.etp
     dense = num_dense * dense_layer + num_moe * moe_dense
     tables = m.vocab_size * m.hidden / c.tp
-    dense += (tables if first else 0) + (tables + m.hidden if last and not m.tie_embeddings else 0)
+    dense += tables if first else 0
+    if last:  # final norm, and the LM head unless it is the (first stage's) embedding
+        dense += m.hidden + (0 if m.tie_embeddings else tables)
     return LocalParams(dense=dense, expert=num_moe * experts)
 
 
@@ -88,9 +91,16 @@ def param_bytes(dtype: str) -> tuple[int, int, int]:
     return (2, 4, 12) if dtype == "bf16" else (4, 4, 8)
 
 
-def memory_breakdown(w: Workload, c: Candidate, device: Device, rank: int, params: LocalParams,
-                     activations_per_microbatch: float, largest_layer: float,
-                     num_layers: int) -> dict[str, float]:
+def memory_breakdown(
+    w: Workload,
+    c: Candidate,
+    device: Device,
+    rank: int,
+    params: LocalParams,
+    activations_per_microbatch: float,
+    largest_layer: float,
+    num_layers: int,
+) -> dict[str, float]:
     """Bytes pipeline rank `rank` holds at its peak, by kind (MEMORY_KINDS) plus 'total'.
 
     Args:

@@ -26,17 +26,20 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_candidates(w: Workload, world_size: int, *, fold: bool = True,
-                         max_tp: int = 8) -> Iterator[Candidate]:
+def enumerate_candidates(
+    w: Workload, world_size: int, *, fold: bool = True, max_tp: int = 8
+) -> Iterator[Candidate]:
     """Every legal candidate: degrees of both views, vpp, micro-batch, recompute, optimizer."""
-    for base in enumerate_layouts(w, world_size, fold=fold, max_tp=max_tp):
-        yield from variants(base)
+    for group in enumerate_layouts(w, world_size, fold=fold, max_tp=max_tp):
+        for base in group:
+            yield from variants(base)
 
 
-def enumerate_layouts(w: Workload, world_size: int, *, fold: bool = True,
-                      max_tp: int = 8) -> Iterator[Candidate]:
-    """Every legal layout, micro-batch and vpp, with recompute off and the distributed
-    optimizer on (`variants` adds the other two knobs).
+def enumerate_layouts(
+    w: Workload, world_size: int, *, fold: bool = True, max_tp: int = 8
+) -> Iterator[list[Candidate]]:
+    """Every legal layout and micro-batch, as the list of its legal vpp values (ascending),
+    with recompute off and the distributed optimizer on (`variants` adds those two knobs).
 
     Args:
         w: the workload (model, sequence length, global batch).
@@ -44,7 +47,7 @@ def enumerate_layouts(w: Workload, world_size: int, *, fold: bool = True,
         fold: False keeps the pre-folding rules (etp = tp, ep divides dp, ep strided by tp*cp).
         max_tp: largest tp and etp tried (a node: tensor parallelism across nodes never pays).
     """
-    model, moe = w.model, w.moe
+    model = w.model
     for pp in divisors(world_size):
         if model.layers % pp or (pp > 1 and model.tie_embeddings):
             continue
@@ -62,8 +65,9 @@ def enumerate_layouts(w: Workload, world_size: int, *, fold: bool = True,
                     yield from _schedules(w, pp, tp, cp, dp, ep, etp, stage // (ep * etp), fold)
 
 
-def _expert_degrees(w: Workload, stage: int, tp: int, dp: int, fold: bool,
-                    max_tp: int) -> Iterator[tuple[int, int]]:
+def _expert_degrees(
+    w: Workload, stage: int, tp: int, dp: int, fold: bool, max_tp: int
+) -> Iterator[tuple[int, int]]:
     moe = w.moe
     if not moe.enabled:
         yield 1, 1
@@ -80,41 +84,59 @@ def _expert_degrees(w: Workload, stage: int, tp: int, dp: int, fold: bool,
                 yield ep, etp
 
 
-def _schedules(w: Workload, pp: int, tp: int, cp: int, dp: int, ep: int, etp: int, edp: int,
-               fold: bool) -> Iterator[Candidate]:
-    """Micro-batch sizes and virtual stages; recompute off, distributed optimizer on."""
+def _schedules(
+    w: Workload, pp: int, tp: int, cp: int, dp: int, ep: int, etp: int, edp: int, fold: bool
+) -> Iterator[list[Candidate]]:
+    """Per micro-batch size, its virtual-stage choices; recompute off, distributed optimizer
+    on."""
     per_dp_rank = w.global_batch // dp
     for micro_batch in divisors(per_dp_rank):
         if micro_batch > MAX_MICRO_BATCH:
             break
         num_microbatches = per_dp_rank // micro_batch
-        for vpp in divisors(w.model.layers // pp) if pp > 1 else [1]:
-            if vpp > 1 and num_microbatches % pp:  # interleaving needs whole rounds of pp
-                continue
-            yield Candidate(tp=tp, cp=cp, pp=pp, vpp=vpp, dp=dp, ep=ep, etp=etp, edp=edp,
-                            micro_batch=micro_batch, recompute=False,
-                            distributed_optimizer=True, folded=fold)
+        yield [
+            Candidate(
+                tp=tp,
+                cp=cp,
+                pp=pp,
+                vpp=vpp,
+                dp=dp,
+                ep=ep,
+                etp=etp,
+                edp=edp,
+                micro_batch=micro_batch,
+                recompute=False,
+                distributed_optimizer=True,
+                folded=fold,
+            )
+            for vpp in (divisors(w.model.layers // pp) if pp > 1 else [1])
+            # interleaving needs whole rounds of pp micro-batches
+            if vpp == 1 or num_microbatches % pp == 0
+        ]
 
 
 def variants(base: Candidate) -> list[Candidate]:
     """`base` with recompute off/on and the distributed optimizer on/off."""
-    return [replace(base, recompute=recompute, distributed_optimizer=sharded)
-            for recompute in (False, True) for sharded in (True, False)]
+    return [
+        replace(base, recompute=recompute, distributed_optimizer=sharded)
+        for recompute in (False, True)
+        for sharded in (True, False)
+    ]
 
 
 # ---- node placement ----------------------------------------------------------------------------
 
 
-def _span(groups_GN: np.ndarray, nodes_of: int) -> GroupSpan:
-    """Worst node spread over groups (rows of ranks). Rows are shifted copies of one offset
+def _span(groups: np.ndarray, nodes_of: int) -> GroupSpan:
+    """Worst node spread over `groups` ([groups, size] ranks). Rows are shifted copies of one offset
     pattern, so a pattern is checked once per start position within a node."""
-    size = groups_GN.shape[1]
+    size = groups.shape[1]
     worst = GroupSpan(size, 1, 0.0)
     if size == 1:
         return worst
-    offsets = groups_GN[0] - groups_GN[0, 0]
-    assert np.array_equal(groups_GN - groups_GN[:, :1], np.broadcast_to(offsets, groups_GN.shape))
-    for start in np.unique(groups_GN[:, 0] % nodes_of):
+    offsets = groups[0] - groups[0, 0]
+    assert np.array_equal(groups - groups[:, :1], np.broadcast_to(offsets, groups.shape))
+    for start in np.unique(groups[:, 0] % nodes_of):
         node_of = (int(start) + offsets) // nodes_of
         _, members = np.unique(node_of, return_counts=True)
         if len(members) == 1:
@@ -144,8 +166,12 @@ def _dense_spans(world_size: int, tp: int, cp: int, pp: int, nodes_of: int) -> t
     nodes = dense // nodes_of
     crossing = float(np.mean(nodes[1:] != nodes[:-1])) if pp > 1 else 0.0
     pp_span = GroupSpan(pp, 2 if crossing else 1, crossing)  # a rank and its next stage
-    return (_span(_groups(dense, (3,)), nodes_of), _span(_groups(dense, (2,)), nodes_of),
-            _span(_groups(dense, (1, 2)), nodes_of), pp_span)
+    return (
+        _span(_groups(dense, (3,)), nodes_of),
+        _span(_groups(dense, (2,)), nodes_of),
+        _span(_groups(dense, (1, 2)), nodes_of),
+        pp_span,
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -156,20 +182,23 @@ def _expert_spans(world_size: int, pp: int, ep: int, etp: int, nodes_of: int) ->
 
 
 @lru_cache(maxsize=4096)
-def _pre_folding_spans(world_size: int, tp: int, cp: int, pp: int, ep: int,
-                       nodes_of: int) -> tuple:
+def _pre_folding_spans(world_size: int, tp: int, cp: int, pp: int, ep: int, nodes_of: int) -> tuple:
     """(ep, etp, edp) spans before folding: ep groups are ep consecutive ranks of each dense dp
     group (stride tp*cp), etp groups the tp groups, edp groups one position of every dp chunk
     over all cp ranks (Megatron before folding)."""
     layout = ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp)
     chunked = _rank_tensor(layout, "dense").reshape(pp, layout.dp // ep, ep, cp, tp)
-    return (_span(_groups(chunked, (2,)), nodes_of), _span(_groups(chunked, (4,)), nodes_of),
-            _span(_groups(chunked, (1, 3)), nodes_of))
+    return (
+        _span(_groups(chunked, (2,)), nodes_of),
+        _span(_groups(chunked, (4,)), nodes_of),
+        _span(_groups(chunked, (1, 3)), nodes_of),
+    )
 
 
 @lru_cache(maxsize=65536)
-def topology(world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, folded: bool,
-             nodes_of: int) -> Topology:
+def topology(
+    world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, folded: bool, nodes_of: int
+) -> Topology:
     """Node placement of every family, read off ParallelLayout's rank tensors."""
     tp_span, cp_span, dp_span, pp_span = _dense_spans(world_size, tp, cp, pp, nodes_of)
     if folded:
@@ -177,8 +206,9 @@ def topology(world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, fold
     else:
         assert etp == tp, "before folding etp is tp"
         ep_span, etp_span, edp_span = _pre_folding_spans(world_size, tp, cp, pp, ep, nodes_of)
-    return Topology(tp=tp_span, cp=cp_span, dp=dp_span, ep=ep_span, etp=etp_span, edp=edp_span,
-                    pp=pp_span)
+    return Topology(
+        tp=tp_span, cp=cp_span, dp=dp_span, ep=ep_span, etp=etp_span, edp=edp_span, pp=pp_span
+    )
 
 
 # ---- ranking -----------------------------------------------------------------------------------
@@ -194,26 +224,61 @@ class Plan:
     num_fitting: int
 
 
-def plan(w: Workload, world_size: int, device: Device, *, nodes_of: int, fold: bool = True,
-         top: int | None = None) -> Plan:
+def plan(
+    w: Workload,
+    world_size: int,
+    device: Device,
+    *,
+    nodes_of: int,
+    fold: bool = True,
+    top: int | None = None,
+) -> Plan:
     """Estimate every legal candidate that is not dominated, keep those that fit, sort by time.
 
-    Dominated, so never estimated: the distributed optimizer off (more memory and at least as
-    much time as on), and recompute on when the same candidate fits without it (slower).
+    Dominated, so never estimated (the model is monotone in these knobs):
+    - the distributed optimizer off: more memory, at least as much time as on;
+    - recompute on, when the same candidate fits without it: slower;
+    - on devices that overlap communication (GPUs), any vpp below the largest that fits with
+      the same recompute setting: a larger vpp only shrinks the bubble, and interleaved
+      transfers are hidden. On CPU every vpp is estimated (moefold's transfers block).
     """
     model = CostModel(w, device)
-    fitting, count, evaluated = [], 0, 0
-    for base in enumerate_layouts(w, world_size, fold=fold, max_tp=nodes_of):
-        count += 4
-        topo = topology(world_size, base.tp, base.cp, base.pp, base.ep, base.etp, base.folded,
-                        nodes_of)
-        result = model.estimate(base, topo)
-        evaluated += 1
-        if not result.fits:
-            result = model.estimate(replace(base, recompute=True), topo)
-            evaluated += 1
-        if result.fits:
-            fitting.append(result)
+    fitting, counts = [], [0, 0]  # legal candidates, estimates made
+    for group in enumerate_layouts(w, world_size, fold=fold, max_tp=nodes_of):
+        counts[0] += 4 * len(group)
+        first = group[0]
+        topo = topology(
+            world_size, first.tp, first.cp, first.pp, first.ep, first.etp, first.folded, nodes_of
+        )
+        if device.overlap:
+            fitting += _largest_fitting_vpp(model, group, topo, counts)
+        else:
+            for base in group:
+                fitting += _largest_fitting_vpp(model, [base], topo, counts)
     fitting.sort(key=lambda e: (e.step_time, e.candidate))
-    return Plan(ranked=fitting[:top] if top else fitting, num_candidates=count,
-                num_evaluated=evaluated, num_fitting=len(fitting))
+    return Plan(
+        ranked=fitting[:top] if top else fitting,
+        num_candidates=counts[0],
+        num_evaluated=counts[1],
+        num_fitting=len(fitting),
+    )
+
+
+def _largest_fitting_vpp(
+    model: CostModel, group: list[Candidate], topo: Topology, counts: list[int]
+) -> list[Estimate]:
+    """Without recompute, the largest vpp of `group` that fits; with recompute, the largest
+    that fits only if it is larger (else the candidate without recompute is faster)."""
+    found: list[Estimate] = []
+    floor = -1
+    for recompute in (False, True):
+        for base in reversed(group):
+            if base.vpp <= floor:
+                break
+            counts[1] += 1
+            candidate = replace(base, recompute=recompute)
+            if model.fits(candidate, topo):
+                found.append(model.estimate(candidate, topo))
+                floor = base.vpp
+                break
+    return found

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from contextlib import redirect_stdout
 
 import pytest
+import torch
 
 from moefold.cli import main
 from moefold.config import check_job, job_from_dict, job_to_dict, load_job
@@ -16,9 +18,10 @@ from moefold.model.size import count_parameters
 from moefold.parallel.layout import ParallelLayout
 from moefold.plan.command import SCHEMA, TIME_KEYS
 from moefold.plan.cost import Candidate, CostModel, GroupSpan, Workload
-from moefold.plan.hardware import Device, gpu_device
+from moefold.plan.hardware import Device, get_device, gpu_device
 from moefold.plan.memory import MEMORY_KINDS, local_params, rank_layers
 from moefold.plan.search import enumerate_candidates, plan, topology
+from moefold.train.peak import cpu_model_name
 
 # (preset, GPUs, folded best (tp, cp, pp, ep, etp), its MFU, best before folding, its MFU):
 # H100, global batch 256, sequence 4096, token dropping with capacity factor 1 (the paper).
@@ -99,14 +102,26 @@ def _span_reference(groups: list[list[int]], nodes_of: int) -> tuple[int, float,
 
 @pytest.mark.parametrize(
     "world,tp,cp,pp,ep,etp,nodes_of",
-    [(16, 2, 1, 2, 4, 1, 4), (32, 2, 2, 2, 8, 1, 8), (64, 4, 1, 2, 4, 2, 8), (24, 1, 3, 2, 4, 1, 8),
-     (128, 2, 1, 8, 8, 1, 8), (64, 2, 1, 4, 4, 1, 8)],
+    [
+        (16, 2, 1, 2, 4, 1, 4),
+        (32, 2, 2, 2, 8, 1, 8),
+        (64, 4, 1, 2, 4, 2, 8),
+        (24, 1, 3, 2, 4, 1, 8),
+        (128, 2, 1, 8, 8, 1, 8),
+        (64, 2, 1, 4, 4, 1, 8),
+    ],
 )
 def test_topology_matches_layout_group_membership(world, tp, cp, pp, ep, etp, nodes_of):
     layout = ParallelLayout.build(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp)
     spans = topology(world, tp, cp, pp, ep, etp, True, nodes_of)
-    families = {"tp": (("tp",), "dense"), "cp": (("cp",), "dense"), "dp": (("dp", "cp"), "dense"),
-                "ep": (("ep",), "expert"), "etp": (("etp",), "expert"), "edp": (("edp",), "expert")}
+    families = {
+        "tp": (("tp",), "dense"),
+        "cp": (("cp",), "dense"),
+        "dp": (("dp", "cp"), "dense"),
+        "ep": (("ep",), "expert"),
+        "etp": (("etp",), "expert"),
+        "edp": (("edp",), "expert"),
+    }
     for family, (axes, view) in families.items():
         span = getattr(spans, family)
         groups = layout.groups(axes, view)
@@ -117,15 +132,29 @@ def test_topology_matches_layout_group_membership(world, tp, cp, pp, ep, etp, no
 
 def test_every_candidate_passes_check_job():
     base = job_to_dict(load_job("tiny-moe", ["train.global_batch=16", "train.seq_len=128"]))
-    w = Workload(model=load_job("tiny-moe").model, moe=load_job("tiny-moe").moe, seq_len=128,
-                 global_batch=16, dtype="fp32")
+    w = Workload(
+        model=load_job("tiny-moe").model,
+        moe=load_job("tiny-moe").moe,
+        seq_len=128,
+        global_batch=16,
+        dtype="fp32",
+    )
     candidates = list(enumerate_candidates(w, 8))
     assert len(candidates) > 100
     for c in candidates[::7]:
-        raw = {**base, "parallel": {
-            "tp": c.tp, "cp": c.cp, "pp": c.pp, "vpp": c.vpp, "ep": c.ep, "etp": c.etp,
-            "pp_schedule": "interleaved_1f1b" if c.vpp > 1 else "1f1b",
-            "distributed_optimizer": c.distributed_optimizer}}
+        raw = {
+            **base,
+            "parallel": {
+                "tp": c.tp,
+                "cp": c.cp,
+                "pp": c.pp,
+                "vpp": c.vpp,
+                "ep": c.ep,
+                "etp": c.etp,
+                "pp_schedule": "interleaved_1f1b" if c.vpp > 1 else "1f1b",
+                "distributed_optimizer": c.distributed_optimizer,
+            },
+        }
         raw["train"] = {**base["train"], "micro_batch": c.micro_batch, "eval_batches": c.dp}
         job = job_from_dict(raw)
         layout = ParallelLayout.from_config(job.parallel, 8)
@@ -137,14 +166,29 @@ def test_every_candidate_passes_check_job():
 
 
 def test_local_parameters_add_up_to_the_model():
-    for preset in ("mixtral-8x22b", "qwen2-57b-a14b", "tiny-moe"):
-        w = paper_workload(preset)
+    tied = load_job("tiny-dense", ["model.tie_embeddings=true"])
+    workloads = [paper_workload(p) for p in ("mixtral-8x22b", "qwen2-57b-a14b", "tiny-moe")]
+    workloads.append(Workload(model=tied.model, moe=tied.moe, seq_len=128, global_batch=16))
+    for w in workloads:
         counts = count_parameters(w.model, w.moe)
         for pp, ep in ((1, 1), (4, 2), (2, 8)):
-            if w.model.layers % pp:
+            if w.model.layers % pp or (pp > 1 and w.model.tie_embeddings):
                 continue
-            c = Candidate(tp=1, cp=1, pp=pp, vpp=1, dp=1, ep=ep, etp=1, edp=1, micro_batch=1,
-                          recompute=False, distributed_optimizer=False)
+            if ep > 1 and (not w.moe.enabled or w.moe.num_experts % ep):
+                continue
+            c = Candidate(
+                tp=1,
+                cp=1,
+                pp=pp,
+                vpp=1,
+                dp=1,
+                ep=ep,
+                etp=1,
+                edp=1,
+                micro_batch=1,
+                recompute=False,
+                distributed_optimizer=False,
+            )
             flags = tuple(w.moe.is_moe_layer(i) for i in range(w.model.layers))
             total_dense = total_expert = 0.0
             for rank, (num_dense, num_moe) in enumerate(rank_layers(w.model.layers, pp, 1, flags)):
@@ -156,13 +200,24 @@ def test_local_parameters_add_up_to_the_model():
 
 
 def _memory(w: Workload, device: Device, **knobs) -> dict:
-    fields = dict(tp=2, cp=1, pp=4, vpp=1, dp=8, ep=4, etp=1, edp=4, micro_batch=1,
-                  recompute=False, distributed_optimizer=True)
+    fields = dict(
+        tp=2,
+        cp=1,
+        pp=4,
+        vpp=1,
+        dp=8,
+        ep=4,
+        etp=1,
+        edp=4,
+        micro_batch=1,
+        recompute=False,
+        distributed_optimizer=True,
+    )
     fields.update(knobs)
     c = Candidate(**fields)
     world = c.tp * c.cp * c.pp * c.dp
     topo = topology(world, c.tp, c.cp, c.pp, c.ep, c.etp, True, 8)
-    return CostModel(w, device).estimate(c, topo, always=True).memory
+    return CostModel(w, device).memory(c, topo)
 
 
 def test_memory_model_moves_the_right_way():
@@ -186,8 +241,19 @@ def test_data_parallel_bytes_follow_moefold_comm_accounting():
     job = load_job("tiny-moe")
     w = Workload(model=job.model, moe=job.moe, seq_len=128, global_batch=16, dtype="fp32")
     counts = count_parameters(job.model, job.moe)
-    c = Candidate(tp=1, cp=1, pp=1, vpp=1, dp=2, ep=2, etp=1, edp=1, micro_batch=4,
-                  recompute=False, distributed_optimizer=False)
+    c = Candidate(
+        tp=1,
+        cp=1,
+        pp=1,
+        vpp=1,
+        dp=2,
+        ep=2,
+        etp=1,
+        edp=1,
+        micro_batch=4,
+        recompute=False,
+        distributed_optimizer=False,
+    )
     cpu_like = dataclasses.replace(gpu_device("h100"), overlap=False)
     estimate = CostModel(w, cpu_like).estimate(c, topology(2, 1, 1, 1, 2, 1, True, 2), always=True)
     dense = counts.total - counts.experts
@@ -197,14 +263,33 @@ def test_data_parallel_bytes_follow_moefold_comm_accounting():
     # micro-batch and layer (dispatch and combine, forward and backward), 2 micro-batches
     rows = 4 * 128 * job.moe.topk
     assert estimate.comm_bytes["ep"] == pytest.approx(
-        rows * job.model.hidden * 4 / 2 * 4 * job.model.layers * 2)
+        rows * job.model.hidden * 4 / 2 * 4 * job.model.layers * 2
+    )
 
 
 # ---- the command ---------------------------------------------------------------------------
 
-LAYOUT_KEYS = ["rank", "tp", "cp", "pp", "vpp", "dp", "etp", "ep", "edp", "micro_batch",
-               "recompute", "distributed_optimizer", "folded", "memory_gib", "time_s",
-               "comm_bytes", "tokens_per_s", "mfu", "set"]
+LAYOUT_KEYS = [
+    "rank",
+    "tp",
+    "cp",
+    "pp",
+    "vpp",
+    "dp",
+    "etp",
+    "ep",
+    "edp",
+    "micro_batch",
+    "recompute",
+    "distributed_optimizer",
+    "folded",
+    "memory_gib",
+    "time_s",
+    "comm_bytes",
+    "tokens_per_s",
+    "mfu",
+    "set",
+]
 
 
 def _run_cli(*args: str) -> str:
@@ -215,14 +300,44 @@ def _run_cli(*args: str) -> str:
 
 
 def test_json_document_schema_is_stable():
-    doc = json.loads(_run_cli("--model", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100",
-                              "--capacity-factor", "1", "--top", "3", "--json"))
+    doc = json.loads(
+        _run_cli(
+            "--model",
+            "mixtral-8x7b",
+            "--gpus",
+            "64",
+            "--gpu",
+            "h100",
+            "--capacity-factor",
+            "1",
+            "--top",
+            "3",
+            "--json",
+        )
+    )
     assert list(doc) == ["schema", "query", "device", "counts", "layouts", "without_folding"]
     assert doc["schema"] == SCHEMA
-    assert list(doc["query"]) == ["model", "overrides", "gpus", "gpu", "nodes_of", "seq_len",
-                                  "global_batch", "fold", "capacity_factor", "dtype", "top"]
-    assert list(doc["device"]) == ["name", "peak_tflops", "memory_gib", "intra_node_gbps",
-                                   "inter_node_gbps", "source"]
+    assert list(doc["query"]) == [
+        "model",
+        "overrides",
+        "gpus",
+        "gpu",
+        "nodes_of",
+        "seq_len",
+        "global_batch",
+        "fold",
+        "capacity_factor",
+        "dtype",
+        "top",
+    ]
+    assert list(doc["device"]) == [
+        "name",
+        "peak_tflops",
+        "memory_gib",
+        "intra_node_gbps",
+        "inter_node_gbps",
+        "source",
+    ]
     assert list(doc["counts"]) == ["candidates", "evaluated", "fitting"]
     assert len(doc["layouts"]) == 3
     for entry in [*doc["layouts"], doc["without_folding"]]:
@@ -234,7 +349,8 @@ def test_json_document_schema_is_stable():
     assert times == sorted(times)
     first = doc["layouts"][0]
     assert sum(v for k, v in first["time_s"].items() if k != "total") == pytest.approx(
-        first["time_s"]["total"], rel=1e-3)
+        first["time_s"]["total"], rel=1e-3
+    )
 
 
 def test_table_output_and_no_fold_flag():
@@ -247,3 +363,32 @@ def test_table_output_and_no_fold_flag():
 def test_bad_arguments_are_config_errors(capsys):
     assert main(["plan", "--model", "tiny-moe", "--gpus", "0"]) == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+def test_cpu_device_reads_its_measurements_from_the_cache(tmp_path):
+    cpu, version = cpu_model_name(), torch.__version__
+    (tmp_path / "peak.json").write_text(
+        json.dumps({f"{cpu}|threads=1|float32|n=2048|torch={version}": {"flops_per_s": 1e11}})
+    )
+    measured = {
+        "memory_total": 8e9,
+        "elementwise_bandwidth": 1e10,
+        "gemm_half_dim": 4.0,
+        "attention_flops": 3e10,
+        "op_overhead": 3e-6,
+        "gloo_latency": 1e-4,
+        "gloo_bandwidth": 2e9,
+        "gloo_all_to_all_bandwidth": 1e9,
+        "runtime_memory": 4e8,
+    }
+    (tmp_path / "plan_cpu.json").write_text(
+        json.dumps({f"{cpu}|threads=1|torch={version}|v3": measured})
+    )
+    device = get_device("cpu", torch.float32, ranks_per_node=2, cache_dir=str(tmp_path))
+    share = min(1.0, (os.cpu_count() or 1) / 2)
+    assert device.peak_flops == pytest.approx(1e11 * share)
+    assert device.memory_bytes == 4e9 and device.runtime_memory_bytes == 4e8
+    assert device.attention_efficiency == pytest.approx(0.3)
+    assert device.all_to_all_efficiency == pytest.approx(0.5)
+    assert not device.overlap and not device.grouped_gemm
+    assert "cache" in device.source

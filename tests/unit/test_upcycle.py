@@ -341,6 +341,7 @@ def test_upcycle_command_writes_an_hf_moe_with_the_dense_logits(family, argv, mo
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_upcycle_to_a_moefold_checkpoint_and_softmax_then_topk_from_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
     dense = _save_dense_hf("llama", tmp_path / "dense", tie=False)
