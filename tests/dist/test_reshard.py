@@ -56,8 +56,8 @@ PAIRS = {
 def test_resume_under_another_layout_matches_single_process(pair, tmp_path):
     (world_a, layout_a), (world_b, layout_b) = PAIRS[pair]
     ckpt = str(tmp_path / "ckpt")
-    first = run_ranks(train_body, world_a, layout_a, SAVE_AT, ckpt, timeout=300)[0]
-    second = run_ranks(train_body, world_b, layout_b, STEPS, ckpt, timeout=300)[0]
+    first = run_ranks(train_body, world_a, layout_a, SAVE_AT, ckpt, timeout=900)[0]
+    second = run_ranks(train_body, world_b, layout_b, STEPS, ckpt, timeout=900)[0]
     assert [step for step, _ in first] == [1, 2]
     assert [step for step, _ in second] == [3, 4, 5]
     ref = reference((f"train.steps={STEPS}",))["losses"]

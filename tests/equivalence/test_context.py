@@ -25,5 +25,5 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 def test_context_parallel_layout_matches_single_process(layout):
     world_size, parallel, model_overrides = LAYOUTS[layout]
-    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=300)[0]
+    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=900)[0]
     assert_matches(result, reference(model_overrides))

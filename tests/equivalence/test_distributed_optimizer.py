@@ -19,15 +19,15 @@ LAYOUTS = {
 def test_distributed_optimizer_matches_single_process(layout):
     world_size, parallel = LAYOUTS[layout]
     result = run_ranks(
-        layout_body, world_size, (), {**parallel, "distributed_optimizer": "true"}, timeout=300
+        layout_body, world_size, (), {**parallel, "distributed_optimizer": "true"}, timeout=900
     )[0]
     assert_matches(result, reference(()), check_grads=False)
 
 
 @pytest.mark.dist
 def test_optimizer_state_shrinks_by_the_shard_count():
-    plain = run_ranks(layout_body, 4, (), {}, timeout=300)[0]["last_row"]["optimizer_state_mb"]
-    sharded = run_ranks(layout_body, 4, (), {"distributed_optimizer": "true"}, timeout=300)[0][
+    plain = run_ranks(layout_body, 4, (), {}, timeout=900)[0]["last_row"]["optimizer_state_mb"]
+    sharded = run_ranks(layout_body, 4, (), {"distributed_optimizer": "true"}, timeout=900)[0][
         "last_row"
     ]["optimizer_state_mb"]
     # dp4: moments shrink 4x; the sharded optimizer also keeps a 1/4 fp32 master copy.

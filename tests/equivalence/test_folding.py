@@ -40,7 +40,7 @@ LAYOUTS = {
 def test_folded_layout_matches_single_process(layout):
     world_size, parallel = LAYOUTS[layout]
     ref = reference(DROPLESS)
-    result = run_ranks(layout_body, world_size, DROPLESS, parallel, timeout=300)[0]
+    result = run_ranks(layout_body, world_size, DROPLESS, parallel, timeout=900)[0]
     assert_matches(result, ref)
 
 
@@ -74,7 +74,7 @@ def test_router_options_match_single_process(variant, layout):
         "tp2-dp2__ep4": (4, {"tp": 2, "ep": 4}),
         "dp4__ep2-etp2": (4, {"ep": 2, "etp": 2}),
     }[layout]
-    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=300)[0]
+    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=900)[0]
     assert_matches(result, reference(model_overrides))
 
 
@@ -93,7 +93,7 @@ DROPPING = {
     ids=["dp4__ep4", "dp4__ep4-allgather", "dp4__ep2-etp2"],
 )
 def test_token_dropping_matches_single_process_without_tp(mode, parallel):
-    result = run_ranks(layout_body, 4, DROPPING[mode], parallel, timeout=300)[0]
+    result = run_ranks(layout_body, 4, DROPPING[mode], parallel, timeout=900)[0]
     assert_matches(result, reference(DROPPING[mode]))
 
 
@@ -104,7 +104,7 @@ def test_token_dropping_identical_across_expert_layouts_under_tp(mode):
     # expert layout and the dispatcher must not matter.
     overrides = DROPPING[mode]
     runs = [
-        run_ranks(layout_body, 4, overrides, parallel, timeout=300)[0]
+        run_ranks(layout_body, 4, overrides, parallel, timeout=900)[0]
         for parallel in (
             {"tp": 2, "ep": 4},
             {"tp": 2, "ep": 2, "etp": 2, "dispatcher": "allgather"},

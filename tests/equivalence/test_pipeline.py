@@ -67,11 +67,11 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 def test_pipeline_layout_matches_single_process(layout):
     world_size, parallel, model_overrides = LAYOUTS[layout]
-    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=300)[0]
+    result = run_ranks(layout_body, world_size, model_overrides, parallel, timeout=900)[0]
     if parallel.get("cp", 1) > 1 and any("capacity_factor" in o for o in model_overrides):
         # cp ranks drop on their own sequence chunks: compare with the same layout without pp.
         no_pp = {k: v for k, v in parallel.items() if k not in ("pp", "vpp", "pp_schedule")}
-        ref = run_ranks(layout_body, world_size // 2, model_overrides, no_pp, timeout=300)[0]
+        ref = run_ranks(layout_body, world_size // 2, model_overrides, no_pp, timeout=900)[0]
     else:
         ref = reference(model_overrides)
     assert_matches(result, ref)
