@@ -82,6 +82,19 @@ def find_resume_checkpoint(root: Path, resume: str) -> Path | None:
     return None
 
 
+def resolve_checkpoint(path: Path, flag: str) -> Path:
+    """A checkpoint folder as given, or the newest intact one under a run folder (its
+    checkpoints/) or a checkpoint root. `flag` names the CLI option in the error."""
+    if (path / ".metadata").is_file() and (path / CONFIG_FILE).is_file():
+        return path
+    found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(
+        path, "auto"
+    )
+    if found is None:
+        raise CheckpointError(f"{flag}: no intact checkpoint in {path}; pass a step_* folder")
+    return found
+
+
 # ---- layout-independent state dicts --------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moefold.checkpoint import CheckpointError
 from moefold.config import ConfigError, check_job, load_job
 from moefold.interop.commands import add_convert_parser, add_upcycle_parser
 from moefold.parallel.layout import ParallelLayout
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             return args.run(args)
     except ConfigError as error:
         print(f"moefold: config error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        print(f"moefold: checkpoint error: {error}", file=sys.stderr)
         return 2
     return 1
 

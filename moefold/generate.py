@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from moefold.checkpoint import CONFIG_FILE, find_resume_checkpoint, load_checkpoint
+from moefold.checkpoint import CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from moefold.config import ConfigError, load_job
 from moefold.data import load_tokenizer
 from moefold.model.transformer import Transformer
@@ -39,19 +39,8 @@ def sample(
     return ids
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    if (path / CONFIG_FILE).is_file() and (path / ".metadata").is_file():
-        return path
-    found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(
-        path, "auto"
-    )
-    if found is None:
-        raise ConfigError(f"--checkpoint: no intact checkpoint in {path}; pass a step_* folder")
-    return found
-
-
 def generate_from_checkpoint(args: argparse.Namespace) -> str:
-    path = resolve_checkpoint(Path(args.checkpoint))
+    path = resolve_checkpoint(Path(args.checkpoint), "--checkpoint")
     job = load_job(str(path / CONFIG_FILE))
     model = Transformer(job.model, job.moe)
     load_checkpoint(path, model, None)

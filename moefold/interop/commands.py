@@ -96,23 +96,10 @@ def _fail(error: Exception) -> int:
     return 2
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder as given, or the newest intact one of a run or checkpoint root."""
-    from moefold.checkpoint import CONFIG_FILE, find_resume_checkpoint
-
-    if (path / ".metadata").is_file() and (path / CONFIG_FILE).is_file():
-        return path
-    found = find_resume_checkpoint(path / "checkpoints", "auto") or find_resume_checkpoint(
-        path, "auto"
-    )
-    if found is None:
-        raise ValueError(f"--to-hf: no intact checkpoint in {path}; pass a step_* folder")
-    return found
-
-
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
+    from moefold.checkpoint import CheckpointError, resolve_checkpoint
     from moefold.interop import gguf, hf
 
     try:
@@ -120,7 +107,7 @@ def run_convert(args: argparse.Namespace) -> int:
             out = hf.import_checkpoint(args.from_hf, args.out)
         elif args.to_hf:
             out = hf.export_checkpoint(
-                resolve_checkpoint(Path(args.to_hf)),
+                resolve_checkpoint(Path(args.to_hf), "--to-hf"),
                 args.out,
                 dtype=getattr(torch, _DTYPES[args.dtype]),
                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
@@ -128,7 +115,7 @@ def run_convert(args: argparse.Namespace) -> int:
         else:
             source = gguf.smollm2_gguf_path() if args.from_gguf == "smollm2" else args.from_gguf
             out = gguf.gguf_to_hf(source, args.out, args.layers)
-    except ValueError as error:
+    except (ValueError, CheckpointError) as error:
         return _fail(error)
     print(f"moefold: wrote {out}")
     return 0
