@@ -526,12 +526,15 @@ class CostModel:
             exposed = {f: exposed[f] * (1 - hidden / total) for f in exposed}
         return exposed, sent
 
-    def estimate(self, c: Candidate, topo: Topology, *, always: bool = False) -> Estimate:
+    def estimate(
+        self, c: Candidate, topo: Topology, *, always: bool = False, memory: dict | None = None
+    ) -> Estimate:
         """Predicted step time and its split, memory, tokens/s and MFU of `c` on `topo`.
 
-        The time is left empty for a candidate that does not fit, unless `always`."""
+        The time is left empty for a candidate that does not fit, unless `always`; `memory` is
+        its memory() when the caller already has it."""
         ranks = self.ranks_to_check(c.pp, c.vpp)
-        memory = self.memory(c, topo)
+        memory = memory or self.memory(c, topo)
         fits = memory["total"] <= self.device.memory_bytes
         if not fits and not always:  # what does not fit is never ranked: skip its time
             return Estimate(candidate=c, memory=memory, fits=False)

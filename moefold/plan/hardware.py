@@ -50,6 +50,7 @@ class Device:
     all_to_all_efficiency: float  # achieved / link bandwidth, token all-to-all of a dispatcher
     op_overhead: float  # seconds of fixed cost per kernel launch / eager op
     runtime_memory_bytes: float  # per-rank memory outside the model: CUDA context, NCCL, runtime
+    allocator_overhead: float  # memory the allocator holds beyond live short-lived tensors
     overlap: bool  # the runtime overlaps communication with compute (Megatron-class GPU stacks)
     grouped_gemm: bool  # routed experts run as one grouped GEMM (else a loop over experts)
     source: str = ""  # where the numbers come from
@@ -75,7 +76,11 @@ CPU_ELEMENTWISE_PASSES = 6.0  # moefold's eager ops, counted on tiny-moe (docs/p
 GPU_COLLECTIVE_EFFICIENCY = 0.70
 GPU_ALL_TO_ALL_EFFICIENCY = 0.25  # includes the dispatcher's count exchange and host sync
 GPU_OP_OVERHEAD = 4e-6
-GPU_RUNTIME_MEMORY = 6 * GIB  # CUDA context, NCCL and cuBLAS workspaces, allocator slack
+GPU_RUNTIME_MEMORY = 6 * GIB  # CUDA context, NCCL and cuBLAS workspaces
+GPU_ALLOCATOR_OVERHEAD = 0.10  # caching-allocator fragmentation of activations and buffers
+# glibc's dynamic mmap threshold keeps freed activation blocks in the heap: a CPU rank's peak
+# RSS exceeds its live activations by about half (tiny-moe, docs/planner.md)
+CPU_ALLOCATOR_OVERHEAD = 0.50
 NVLINK_LATENCY = 3e-6  # per ring step
 NETWORK_LATENCY = 6e-6
 
@@ -112,6 +117,7 @@ def gpu_device(name: str, dtype: torch.dtype = torch.bfloat16) -> Device:
         all_to_all_efficiency=GPU_ALL_TO_ALL_EFFICIENCY,
         op_overhead=GPU_OP_OVERHEAD,
         runtime_memory_bytes=GPU_RUNTIME_MEMORY,
+        allocator_overhead=GPU_ALLOCATOR_OVERHEAD,
         overlap=True,
         grouped_gemm=True,
         source=peak.source,
@@ -174,6 +180,7 @@ def cpu_device(
         all_to_all_efficiency=m["gloo_all_to_all_bandwidth"] / m["gloo_bandwidth"],
         op_overhead=m["op_overhead"] / share,
         runtime_memory_bytes=m["runtime_memory"],
+        allocator_overhead=CPU_ALLOCATOR_OVERHEAD,
         overlap=False,  # gloo collectives block; moefold reduces gradients after the backward
         grouped_gemm=False,  # moefold loops over local experts on CPU
         source=f"{peak.source}; {m['source']}",
@@ -183,7 +190,7 @@ def cpu_device(
 def _cached_cpu_measurements(threads: int, cache_dir: str | None) -> dict:
     folder = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "moefold"
     path = folder / "plan_cpu.json"
-    key = f"{cpu_model_name()}|threads={threads}|torch={torch.__version__}|v3"
+    key = f"{cpu_model_name()}|threads={threads}|torch={torch.__version__}|v5"
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError):  # missing or corrupt: measure again and overwrite
@@ -327,17 +334,29 @@ _GLOO_PROBE = r"""
 import json, resource, sys, time
 import torch, torch.distributed as dist
 import moefold.train.launch  # the modules a training process holds
+from moefold.config import load_job
+from moefold.model import build_model
 torch.set_num_threads(1)
 rank, path = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", store=dist.FileStore(path, 2), rank=rank, world_size=2)
+sizes = ["model.hidden=16", "model.ffn_hidden=16", "moe.ffn_hidden=16", "model.heads=2",
+         "model.kv_heads=1", "model.vocab_size=64"]
+model = build_model(load_job("tiny-moe", sizes))  # one step of a negligible model: autograd
+optimizer = torch.optim.AdamW(model.parameters(), foreach=True)  # and optimizer state is warm
+model(torch.randint(0, 64, (1, 8))).float().mean().backward()
+optimizer.step()
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 def best(fn, n):
     fn(); t = float("inf")
     for _ in range(n):
         dist.barrier(); tic = time.perf_counter(); fn(); t = min(t, time.perf_counter() - tic)
     return t
-runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-small = torch.ones(8)
-latency = best(lambda: dist.all_reduce(small), 50)
+small, work = torch.ones(8), torch.randn(256, 256)
+waits = []
+for _ in range(200):  # typical, not best: a collective between bits of compute, as in a step
+    work @ work
+    tic = time.perf_counter(); dist.all_reduce(small); waits.append(time.perf_counter() - tic)
+latency = sorted(waits)[len(waits) // 2]
 big = torch.ones(8 * 2**20 // 4)
 out = torch.empty_like(big)
 reduce_s = best(lambda: dist.all_reduce(big), 5)
@@ -351,14 +370,21 @@ dist.destroy_process_group()
 
 
 def _measure_gloo_and_runtime() -> dict:
-    """Two fresh local gloo ranks: all-reduce latency, all-reduce and all-to-all bandwidth (bytes
-    a rank sends per second), and the peak RSS of a process that imported moefold's training
-    stack and joined a process group: the baseline a training rank starts from."""
+    """Two fresh local gloo ranks: the median latency of a small all-reduce issued between bits
+    of compute (a rank waits for its peer's scheduling, as in a step), the best all-reduce and
+    all-to-all bandwidth (bytes a rank sends per second), and the peak RSS of a rank that
+    imported the training stack, joined a process group and ran one step of a negligible model:
+    the baseline a training rank starts from.
+
+    The ranks are started by a shell that forks them: Linux carries a process's peak RSS across
+    exec, so a rank forked straight from this (large) process would report ours."""
     with tempfile.TemporaryDirectory() as folder:
+        script = os.path.join(folder, "probe.py")
+        Path(script).write_text(_GLOO_PROBE)
         store = os.path.join(folder, "store")
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", _GLOO_PROBE, str(rank), store],
+                ["/bin/sh", "-c", '"$0" "$@"; exit $?', sys.executable, script, str(rank), store],
                 stdout=subprocess.PIPE,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from moefold.plan.cost import Candidate, Workload
     from moefold.plan.hardware import Device
 
-ALLOCATOR_OVERHEAD = 0.10  # caching-allocator fragmentation, as a share of short-lived tensors
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "dispatcher", "runtime")
 
 
@@ -125,9 +124,9 @@ def memory_breakdown(
         "weights": weight * total_params,
         "gradients": grad * total_params,
         "optimizer": state * (params.dense / dense_shard + params.expert / expert_shard),
-        "activations": activations * (1 + ALLOCATOR_OVERHEAD),
+        "activations": activations * (1 + device.allocator_overhead),
         "dispatcher": (2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0)
-        * (1 + ALLOCATOR_OVERHEAD),
+        * (1 + device.allocator_overhead),
         "runtime": device.runtime_memory_bytes,
     }
     out["total"] = sum(out.values())

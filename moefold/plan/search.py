@@ -276,9 +276,10 @@ def _largest_fitting_vpp(
             if base.vpp <= floor:
                 break
             counts[1] += 1
-            candidate = replace(base, recompute=recompute)
-            if model.fits(candidate, topo):
-                found.append(model.estimate(candidate, topo))
+            candidate = replace(base, recompute=True) if recompute else base
+            memory = model.memory(candidate, topo)
+            if memory["total"] <= model.device.memory_bytes:
+                found.append(model.estimate(candidate, topo, memory=memory))
                 floor = base.vpp
                 break
     return found

@@ -382,7 +382,7 @@ def test_cpu_device_reads_its_measurements_from_the_cache(tmp_path):
         "runtime_memory": 4e8,
     }
     (tmp_path / "plan_cpu.json").write_text(
-        json.dumps({f"{cpu}|threads=1|torch={version}|v3": measured})
+        json.dumps({f"{cpu}|threads=1|torch={version}|v5": measured})
     )
     device = get_device("cpu", torch.float32, ranks_per_node=2, cache_dir=str(tmp_path))
     share = min(1.0, (os.cpu_count() or 1) / 2)
