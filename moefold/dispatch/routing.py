@@ -1,7 +1,8 @@
-"""Pure index math for token routing: sort token-slots by expert, capacity, dropping, padding.
+"""Pure index math for token routing: sort token-slots by expert, capacity, dropping, padding,
+and the de-duplicated sends (one row per token and destination rank).
 
 No communication happens here. Shape legend: T tokens, K experts per token, E experts,
-R rows handed to the experts, C capacity (rows per expert).
+R rows handed to the experts, C capacity (rows per expert), n ranks, U unique rows.
 
 A "slot" is one (token, choice) pair, numbered t * K + k. Rows are slots grouped by expert in
 ascending expert order; inside an expert, rows keep token order. Capacity is counted per expert
@@ -89,3 +90,42 @@ def route_slots(
     slots[rows] = kept_order
     padded_counts = torch.full_like(counts, capacity)
     return SlotRouting(slots, padded_counts, num_dropped)
+
+
+@dataclass(frozen=True)
+class DestinationRows:
+    """De-duplicated sends: one row per (token, destination rank) instead of one per slot.
+
+    Unique rows are ordered by destination rank, then token (U unique rows, n ranks).
+    """
+
+    needed_nT: torch.Tensor  # bool: rank j needs token t (at least one kept slot there)
+    unique_index_R: torch.Tensor  # per slot row: its unique row within its rank's block, or -1
+    unique_per_rank_n: torch.Tensor  # unique rows per destination rank (sums to U)
+
+    def token_index(self, num_unique: int) -> torch.Tensor:
+        """[U] source token of each unique row; `num_unique` = U as a host int (no sync)."""
+        flat = torch.nonzero_static(self.needed_nT.flatten(), size=num_unique).squeeze(1)
+        return flat % self.needed_nT.shape[1]
+
+
+def destination_rows(
+    slots_R: torch.Tensor, expert_ids_TK: torch.Tensor, experts_per_rank: int, num_ranks: int
+) -> DestinationRows:
+    """Which tokens each rank needs once, and which of them each slot row refers to.
+
+    Rank j owns experts [j * experts_per_rank, (j + 1) * experts_per_rank). A padding row
+    (slot -1) refers to no token: its unique index is -1.
+    """
+    T, K = expert_ids_TK.shape
+    valid = slots_R >= 0
+    slot = slots_R.clamp(min=0)
+    token_R = slot // K
+    rank_R = expert_ids_TK.flatten()[slot] // experts_per_rank
+    needed_nT = torch.zeros(num_ranks, T, dtype=torch.bool, device=slots_R.device)
+    needed_nT[rank_R[valid], token_R[valid]] = True
+    unique_per_rank = needed_nT.sum(1)
+    position_nT = (torch.cumsum(needed_nT.flatten(), 0) - 1).view(num_ranks, T)
+    rank_starts = torch.cumsum(unique_per_rank, 0) - unique_per_rank
+    index_R = position_nT[rank_R, token_R] - rank_starts[rank_R]
+    return DestinationRows(needed_nT, torch.where(valid, index_R, -1), unique_per_rank)

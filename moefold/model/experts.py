@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,13 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
         self.grouped_gemm = grouped_gemm
+        self.recompute_activation = False  # train.recompute = moe_act (model/recompute.py)
+
+    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # recompute_activation: backward keeps gate and up, not silu(gate), and recomputes.
+        if self.recompute_activation and torch.is_grad_enabled():
+            return checkpoint(_swiglu, gate, up, use_reentrant=False)
+        return _swiglu(gate, up)
 
     def use_grouped_mm(self, x_RD: torch.Tensor) -> bool:
         if self.grouped_gemm == "auto":
@@ -55,7 +63,7 @@ class GroupedExperts(nn.Module):
         outputs = []
         weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
         for x, p, (gate, up, down) in zip(x_RD.split(counts), probs_R.split(counts), weights):
-            act = _swiglu(x @ gate, x @ up)
+            act = self._activation(x @ gate, x @ up)
             outputs.append((act @ down) * p.unsqueeze(-1).to(act.dtype))
         return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
 
@@ -68,7 +76,7 @@ class GroupedExperts(nn.Module):
             x = x_RD.to(dtype)
             gate = F.grouped_mm(x, self.gate_proj.to(dtype), offs=offsets)
             up = F.grouped_mm(x, self.up_proj.to(dtype), offs=offsets)
-            out = F.grouped_mm(_swiglu(gate, up), self.down_proj.to(dtype), offs=offsets)
+            out = F.grouped_mm(self._activation(gate, up), self.down_proj.to(dtype), offs=offsets)
             return out * probs_R.unsqueeze(-1).to(dtype)
 
 

@@ -42,6 +42,19 @@ class AuxLossInjector(torch.autograd.Function):
         return grad_x, grad_aux, None
 
 
+_STEP_STATE = (
+    "step_tokens_per_expert",
+    "step_aux_loss",
+    "step_z_loss",
+    "step_microbatches",
+    "_prefix_counts",
+)
+
+
+def _copied(value: torch.Tensor | int) -> torch.Tensor | int:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 class LocalStatsComm:
     """Reductions of router statistics; the single-rank (identity) version.
 
@@ -80,6 +93,16 @@ class TopKRouter(nn.Module):
         self.step_z_loss = torch.zeros((), device=device)
         self.step_microbatches = 0
         self._prefix_counts = torch.zeros(self.num_experts, device=device)
+
+    def step_state(self) -> dict[str, torch.Tensor | int]:
+        """A copy of everything a training forward accumulates (the fields set above)."""
+        return {name: _copied(getattr(self, name)) for name in _STEP_STATE}
+
+    def load_step_state(self, state: dict[str, torch.Tensor | int]) -> None:
+        """Put back a `step_state()` copy (model/recompute.py: a recomputed forward leaves no
+        trace and sees the global_aux prefix of the forward it repeats)."""
+        for name in _STEP_STATE:
+            setattr(self, name, _copied(state[name]))
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         if self.cfg.score == "sigmoid":

@@ -16,6 +16,7 @@ from torch import nn
 
 from moefold.config import ModelConfig, MoEConfig
 from moefold.model.moe import MoELayer
+from moefold.model.recompute import RECOMPUTE_MODES, recomputed
 
 
 class IdentityRegion:
@@ -162,10 +163,21 @@ class Block(nn.Module):
             self.mlp: nn.Module = MoELayer(cfg.hidden, moe)
         else:
             self.mlp = DenseMLP(cfg.hidden, cfg.ffn_hidden)
+        self.recompute = "none"  # train.recompute, set by Transformer.set_recompute
 
     def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return recomputed(self._forward, x_BSD, positions_S, region=self)
+        return self._forward(x_BSD, positions_S)
+
+    def _forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S)
-        return x_BSD + self.mlp(self.mlp_norm(x_BSD))
+        if self.recompute == "moe" and isinstance(self.mlp, MoELayer) and torch.is_grad_enabled():
+            return x_BSD + recomputed(self._mlp, x_BSD, region=self.mlp)
+        return x_BSD + self._mlp(x_BSD)
+
+    def _mlp(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x_BSD))
 
 
 class Transformer(nn.Module):
@@ -189,6 +201,15 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_recompute(self, mode: str) -> None:
+        """Which activations backward recomputes instead of keeping (train.recompute, see
+        moefold/model/recompute.py)."""
+        assert mode in RECOMPUTE_MODES, mode
+        for block in self.layers.values():
+            block.recompute = mode
+            if isinstance(block.mlp, MoELayer):
+                block.mlp.experts.recompute_activation = mode == "moe_act"
 
     def forward(
         self, tokens_BS: torch.Tensor, positions_S: torch.Tensor | None = None

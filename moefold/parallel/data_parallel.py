@@ -1,4 +1,4 @@
-"""Gradient reduction over the right group for each parameter family, and the global grad norm.
+"""Gradient families: the group each parameter's gradient is summed over, and the global grad norm.
 
 Families (every parameter belongs to exactly one; `parameter_family` decides):
 - "expert":     routed-expert weights; distinct over ep x etp, replicas over edp
@@ -8,7 +8,8 @@ Families (every parameter belongs to exactly one; `parameter_family` decides):
                 -> gradients summed over dp x cp.
 - "replicated": everything else (norms, embedding, LM head, router, shared-expert gate): each
                 tp/cp rank saw only its own token slice -> gradients summed over dp x cp x tp.
-The trainer scales each rank's loss so that these sums equal the single-process gradient.
+The trainer scales each rank's loss so that these sums equal the single-process gradient;
+the optimizers run the sums in buckets (moefold/parallel/grad_buckets.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moefold.model.experts import GroupedExperts
 from moefold.parallel.mesh import ParallelGroups
@@ -61,24 +61,6 @@ def _params_by_family(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         if param.grad is not None:
             by_family[parameter_family(param)].append(param)
     return by_family
-
-
-@torch.no_grad()
-def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
-    """Sum gradients over each family's group, one flat buffer per family (bucketed)."""
-    for family, params in _params_by_family(model).items():
-        group_name = REDUCE_GROUP[family]
-        if not params or groups.size(group_name) == 1:
-            continue
-        grads = [p.grad for p in params]
-        flat = _flatten_dense_tensors(grads)
-        size = groups.size(group_name)
-        # ring all-reduce: each rank sends 2 (n - 1) / n of the buffer
-        nbytes = 2 * (size - 1) * flat.numel() * flat.element_size() // size
-        groups.comm_stats.add("edp" if family == "expert" else "dp", nbytes)
-        dist.all_reduce(flat, group=groups.group(group_name))
-        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(reduced)
 
 
 def grad_sum_of_squares(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:

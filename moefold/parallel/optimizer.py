@@ -10,25 +10,40 @@ reduce-scattered over the family's reduction group (dp x cp x tp for replicated 
 dp x cp for tensor-parallel shards, edp for experts). Each rank keeps fp32 master weights and
 AdamW moments for its 1/n slice only, steps it, and all-gathers the updated slices back into
 the parameters. Optimizer memory per rank falls by the size of the reduction group.
+
 Written here rather than with FSDP2's fully_shard: fully_shard reduces each parameter over
 one mesh, but the replicated family must be summed over dp x cp x tp while its replicas of
 the sharded families only span dp x cp, and FSDP2 would also shard the parameters themselves
 (ZeRO-3), which is not what the issue asks for.
+
+Gradient reduction runs in buckets (moefold/parallel/grad_buckets.py): one per family (ZeRO-1:
+per (family, decay) group) after backward, or, with `parallel.overlap_grad_reduce`, buckets of
+`parallel.grad_bucket_mb` launched during the step's last backward. Under ZeRO-1 every bucket
+is reduce-scattered on its own, so this rank's master slice is the concatenation of its 1/n
+slice of each bucket of the group (one bucket: one contiguous 1/n slice).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moefold.config import TrainConfig
+from moefold.config import ParallelConfig, TrainConfig
 from moefold.parallel.data_parallel import (
     DISTINCT_GROUP,
     REDUCE_GROUP,
     grad_sum_of_squares,
     parameter_family,
-    reduce_gradients,
+)
+from moefold.parallel.grad_buckets import (
+    AllReduceBucket,
+    GradReducer,
+    ReduceScatterBucket,
+    padded_flat,
+    plan_buckets,
 )
 from moefold.parallel.mesh import ParallelGroups
 
@@ -47,12 +62,40 @@ def _adamw(params_groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-class ReplicatedAdamW:
-    """Every rank holds the full AdamW state of its parameters; gradients are all-reduced."""
+def _nbytes(named: list[tuple[str, nn.Parameter]]) -> list[int]:
+    return [p.numel() * p.element_size() for _, p in named]
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, groups: ParallelGroups) -> None:
+
+class ReplicatedAdamW:
+    """Every rank holds the full AdamW state of its parameters; gradients are all-reduced.
+
+    `bucket_bytes` None: one bucket per family, reduced after backward; a number: buckets of
+    about that size, each launched from backward hooks once its gradients are final on the
+    step's `backwards_per_step`-th backward (see grad_buckets.py).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        groups: ParallelGroups,
+        bucket_bytes: float | None = None,
+        backwards_per_step: int = 1,
+    ) -> None:
         self.model, self.groups = model, groups
         self.named = list(model.named_parameters())
+        reduced = [
+            (n, p)
+            for n, p in self.named
+            if p.requires_grad and groups.size(REDUCE_GROUP[parameter_family(p)]) > 1
+        ]
+        families = [parameter_family(p) for _, p in reduced]
+        plan = plan_buckets(_nbytes(reduced), families, bucket_bytes or math.inf)
+        buckets = [
+            AllReduceBucket([reduced[i][1] for i in b], REDUCE_GROUP[families[b[0]]], groups)
+            for b in plan
+        ]
+        self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
         decay = [p for n, p in self.named if decays(n, p)]
         no_decay = [p for n, p in self.named if not decays(n, p)]
         self.optimizer = _adamw(
@@ -64,7 +107,8 @@ class ReplicatedAdamW:
         )
 
     def reduce_gradients(self) -> None:
-        reduce_gradients(self.model, self.groups)
+        """Sum every gradient over its family's group (waits for the buckets in flight)."""
+        self.reducer.finish()
 
     def grad_norm(self) -> torch.Tensor:
         return grad_sum_of_squares(self.model, self.groups).sqrt()
@@ -113,77 +157,104 @@ class ReplicatedAdamW:
 
 
 class _FlatShard:
-    """One (family, decay) group of parameters, flattened; this rank owns one 1/n slice."""
+    """One (family, decay) group of parameters, flattened bucket by bucket: each bucket is
+    padded to a multiple of n and this rank owns one 1/n slice of every bucket.
+
+    `bucket_sizes` are the numbers of consecutive parameters of `named` in each bucket.
+    """
 
     def __init__(
-        self, named: list[tuple[str, nn.Parameter]], group_name: str, groups: ParallelGroups
+        self,
+        named: list[tuple[str, nn.Parameter]],
+        bucket_sizes: list[int],
+        group_name: str,
+        groups: ParallelGroups,
     ) -> None:
         self.named, self.group_name = named, group_name
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.rank = dist.get_rank(self.group)
-        self.numels = [p.numel() for _, p in named]
-        total = sum(self.numels)
-        self.shard_numel = -(-total // self.size)
-        self.padded = self.shard_numel * self.size
-        first = self.rank * self.shard_numel
-        self.slice = slice(first, first + self.shard_numel)
-        flat = self.flatten([p.detach() for _, p in named])
-        self.master = nn.Parameter(flat[self.slice].clone().float())
+        starts = [sum(bucket_sizes[:j]) for j in range(len(bucket_sizes) + 1)]
+        self.buckets = [range(a, b) for a, b in zip(starts, starts[1:])]
+        self.numels = [sum(named[i][1].numel() for i in b) for b in self.buckets]
+        self.shard_numels = [-(-numel // self.size) for numel in self.numels]
+        self.shard_numel = sum(self.shard_numels)
+        self.master = nn.Parameter(self.local_slice([p.detach() for _, p in named]).float())
+        self.grad_buffer = torch.zeros_like(self.master.detach())
 
-    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
-        return torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))
+    def local_slice(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's slice of each bucket of `tensors` (one per parameter), concatenated."""
+        pieces = []
+        for bucket, shard in zip(self.buckets, self.shard_numels):
+            flat = padded_flat([tensors[i] for i in bucket], shard * self.size)
+            pieces.append(flat[self.rank * shard : (self.rank + 1) * shard])
+        return torch.cat(pieces)
 
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        pieces = flat[: sum(self.numels)].split(self.numels)
-        return [piece.view_as(p) for piece, (_, p) in zip(pieces, self.named)]
-
-    def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return shard
-        full = shard.new_empty(self.padded)
-        dist.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
-        return full
-
-    def reduce_scatter_grads(self, stats) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
-        flat = self.flatten(grads).float()
+    def full(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `local_slice` gathered back into per-parameter tensors (collective)."""
         if self.size > 1:
-            shard = flat.new_empty(self.shard_numel)
-            dist.reduce_scatter_tensor(shard, flat, group=self.group)
-            family = "edp" if self.group_name == "edp" else "dp"
-            stats.add(family, (self.size - 1) * shard.numel() * shard.element_size())
+            gathered = local.new_empty(self.size * self.shard_numel)
+            dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.group)
         else:
-            shard = flat
-        self.master.grad = shard
-        for _, p in self.named:
-            p.grad = None
+            gathered = local
+        rows = gathered.view(self.size, self.shard_numel)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.named)
+        first = 0
+        for bucket, numel, shard in zip(self.buckets, self.numels, self.shard_numels):
+            flat = rows[:, first : first + shard].reshape(-1)[:numel]
+            pieces = flat.split([self.named[i][1].numel() for i in bucket])
+            for i, piece in zip(bucket, pieces):
+                out[i] = piece.view_as(self.named[i][1])
+            first += shard
+        return out
+
+    def reduce_scatter_buckets(self, groups: ParallelGroups) -> list[ReduceScatterBucket]:
+        """One bucket per slice of the master gradient, in this shard's bucket order."""
+        out, first = [], 0
+        for bucket, shard in zip(self.buckets, self.shard_numels):
+            params = [self.named[i][1] for i in bucket]
+            view = self.grad_buffer[first : first + shard]
+            out.append(ReduceScatterBucket(params, self.group_name, groups, view))
+            first += shard
+        return out
 
     @torch.no_grad()
     def all_gather_params(self, stats) -> None:
-        full = self.gather(self.master.detach().to(self.named[0][1].dtype))
+        param = self.named[0][1]
         if self.size > 1:
             family = "edp" if self.group_name == "edp" else "dp"
-            stats.add(family, (self.size - 1) * self.shard_numel * full.element_size())
-        for (_, p), value in zip(self.named, self.unflatten(full)):
+            stats.add(family, (self.size - 1) * self.shard_numel * param.element_size())
+        for (_, p), value in zip(self.named, self.full(self.master.detach().to(param.dtype))):
             p.copy_(value)
 
 
 class ShardedAdamW:
     """ZeRO-1: optimizer state and fp32 master weights sharded over each family's group."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, groups: ParallelGroups) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        groups: ParallelGroups,
+        bucket_bytes: float | None = None,
+        backwards_per_step: int = 1,
+    ) -> None:
         self.model, self.groups = model, groups
+        named = list(model.named_parameters())
+        keys = [(parameter_family(p), decays(n, p)) for n, p in named]
+        plan = plan_buckets(_nbytes(named), keys, bucket_bytes or math.inf)
         self.shards: list[tuple[_FlatShard, bool]] = []
+        by_key: dict[tuple[str, bool], list] = {}
         for family, group_name in REDUCE_GROUP.items():
             for with_decay in (True, False):
-                named = [
-                    (n, p)
-                    for n, p in model.named_parameters()
-                    if parameter_family(p) == family and decays(n, p) == with_decay
-                ]
-                if named:
-                    self.shards.append((_FlatShard(named, group_name, groups), with_decay))
+                mine = [b for b in plan if keys[b[0]] == (family, with_decay)]
+                if mine:
+                    members = [named[i] for b in mine for i in b]
+                    shard = _FlatShard(members, [len(b) for b in mine], group_name, groups)
+                    self.shards.append((shard, with_decay))
+                    by_key[family, with_decay] = shard.reduce_scatter_buckets(groups)
+        # every bucket in plan order: the order of launch on every rank
+        buckets = [by_key[keys[b[0]]].pop(0) for b in plan]
+        self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
         self.optimizer = _adamw(
             [
                 {"params": [s.master], "weight_decay": cfg.weight_decay if d else 0.0}
@@ -193,8 +264,10 @@ class ShardedAdamW:
         )
 
     def reduce_gradients(self) -> None:
+        """Reduce-scatter every bucket (waits for those in flight) into the master gradients."""
+        self.reducer.finish()
         for shard, _ in self.shards:
-            shard.reduce_scatter_grads(self.groups.comm_stats)
+            shard.master.grad = shard.grad_buffer
 
     def grad_norm(self) -> torch.Tensor:
         """Each family's slices partition its (tp/ep-local) gradient: sum over the reduction
@@ -253,7 +326,7 @@ class ShardedAdamW:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for shard, _ in self.shards:
             slot = self._slot(shard)
-            gathered = {key: shard.unflatten(shard.gather(slot[key].detach())) for key in MOMENTS}
+            gathered = {key: shard.full(slot[key].detach()) for key in MOMENTS}
             for i, (name, _) in enumerate(shard.named):
                 out[name] = {
                     "step": slot["step"].clone(),
@@ -266,14 +339,22 @@ class ShardedAdamW:
         parameters, which the checkpoint has just loaded."""
         for shard, _ in self.shards:
             with torch.no_grad():
-                params = shard.flatten([p.detach() for _, p in shard.named])
-                shard.master.copy_(params[shard.slice])
+                shard.master.copy_(shard.local_slice([p.detach() for _, p in shard.named]))
             slot = self._slot(shard)
             for key in MOMENTS:
-                flat = shard.flatten([state[name][key] for name, _ in shard.named])
-                slot[key].copy_(flat[shard.slice])
+                slot[key].copy_(shard.local_slice([state[name][key] for name, _ in shard.named]))
             slot["step"].copy_(state[shard.named[0][0]]["step"])
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, groups: ParallelGroups, sharded: bool):
-    return (ShardedAdamW if sharded else ReplicatedAdamW)(model, cfg, groups)
+def build_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    parallel: ParallelConfig,
+    groups: ParallelGroups,
+    backwards_per_step: int,
+):
+    """ZeRO-1 or replicated AdamW; `backwards_per_step` = backward passes this rank runs per
+    step (its micro-batches), after the last of which a gradient is final."""
+    bucket_bytes = parallel.grad_bucket_mb * 2**20 if parallel.overlap_grad_reduce else None
+    cls = ShardedAdamW if parallel.distributed_optimizer else ReplicatedAdamW
+    return cls(model, cfg, groups, bucket_bytes, backwards_per_step)

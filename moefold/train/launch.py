@@ -1,7 +1,7 @@
 """Build everything a run needs, in one documented order, and train.
 
 init_process_group -> ParallelGroups -> data -> full model (deterministic init) ->
-parallelize_model (tp, cp, ep, pipeline split, dp families) -> Trainer.
+parallelize_model (tp, cp, ep, pipeline split, dp families) -> recomputation -> Trainer.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def build_trainer(
     if groups.is_logging_rank:
         groups.barrier()
     model, stages = parallelize_model(build_model(job).to(device), job, groups)
+    model.set_recompute(job.train.recompute)
     return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device)
 
 

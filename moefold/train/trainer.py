@@ -26,6 +26,7 @@ from moefold.checkpoint import (
     is_intact,
     list_checkpoints,
     load_checkpoint,
+    resolve_init_checkpoint,
     save_checkpoint,
 )
 from moefold.config import JobConfig, job_to_dict, job_to_toml
@@ -79,8 +80,9 @@ class Trainer:
             dp_size=groups.size("dp"),
         )
         self.val_data = val_data
+        # Each rank runs one backward per local micro-batch (per stage under pipelining).
         self.optimizer = build_optimizer(
-            model, train, groups, sharded=job.parallel.distributed_optimizer
+            model, train, job.parallel, groups, self.num_microbatches // groups.size("dp")
         )
         self.loss_scale = 1.0 / (self.num_microbatches * groups.size("tp_cp"))
         for layer in model.moe_layers():
@@ -331,15 +333,29 @@ class Trainer:
             return path
         return None
 
+    def maybe_init_from(self) -> Path | None:
+        """Load only the model weights named by checkpoint.init_from (any saved layout; the
+        optimizer, step and data position start fresh)."""
+        if not self.job.checkpoint.init_from:
+            return None
+        sections = job_to_dict(self.job)
+        path = resolve_init_checkpoint(
+            self.job.checkpoint.init_from, sections["model"], sections["moe"]
+        )
+        load_checkpoint(path, self.model, None, self.groups)
+        return path
+
     def train(self) -> list[dict[str, Any]]:
         job, log = self.job, self.groups.is_logging_rank
         resumed = self.maybe_resume()
-        print0(
-            log,
-            f"moefold: {job.train.steps} steps, resumed from {resumed}"
-            if resumed
-            else f"moefold: {job.train.steps} steps from scratch",
-        )
+        initialised = None if resumed else self.maybe_init_from()
+        if resumed:
+            start = f"resumed from {resumed}"
+        elif initialised:
+            start = f"weights from {initialised}"
+        else:
+            start = "from scratch"
+        print0(log, f"moefold: {job.train.steps} steps, {start}")
         writer = MetricsWriter(self.out_dir, log, resume_step=self.step)
         rows = []
         progress = _progress_bar(log, job.train.steps, self.step)

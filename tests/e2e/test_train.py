@@ -137,3 +137,46 @@ def test_readme_quickstart_trains_on_real_text(tmp_path):
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()
+
+
+def _cli_train(tmp_path: Path, out: str, *overrides: str, nproc: int = 1):
+    sets = [item for value in [*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+            for item in ("--set", value)]
+    return subprocess.run(
+        [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--nproc", str(nproc),
+         *sets, "--out", str(tmp_path / out)],
+        capture_output=True, text=True, timeout=900,
+    )
+
+
+def test_init_from_loads_weights_of_any_layout(tmp_path):
+    """checkpoint.init_from starts a fresh run (step 1, new optimizer) from saved weights: with
+    a negligible learning rate its held-out loss equals the source run's final one, also when
+    the new run uses another layout (ep2 over two gloo ranks)."""
+    source = run_training(tiny_job(tmp_path), tmp_path / "source", "cpu")
+    frozen = ["train.steps=2", "train.lr=1e-12"]
+    init = [f"checkpoint.init_from={tmp_path / 'source'}"]
+    scratch = run_training(tiny_job(tmp_path, *frozen), tmp_path / "scratch", "cpu")
+    started = run_training(tiny_job(tmp_path, *frozen, *init), tmp_path / "started", "cpu")
+    assert [r["step"] for r in started] == [1, 2]
+    assert started[-1]["val_loss"] == pytest.approx(source[-1]["val_loss"], rel=1e-6)
+    assert started[-1]["val_loss"] < scratch[-1]["val_loss"] - 0.01
+
+    result = _cli_train(tmp_path, "ep2", *frozen, *init, "parallel.ep=2", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ep2 = read_metrics(tmp_path / "ep2" / "metrics.jsonl")
+    assert ep2[-1]["val_loss"] == pytest.approx(source[-1]["val_loss"], rel=1e-5)
+
+
+def test_init_from_errors_name_the_field_before_starting(tmp_path):
+    missing = _cli_train(tmp_path, "x", f"checkpoint.init_from={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2
+    assert "checkpoint.init_from" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "x").exists()
+
+    run_training(tiny_job(tmp_path, "train.steps=1"), tmp_path / "source", "cpu")
+    other = _cli_train(tmp_path, "y", f"checkpoint.init_from={tmp_path / 'source'}",
+                       "model.hidden=48")
+    assert other.returncode == 2
+    assert "model.hidden" in other.stderr
+    assert not (tmp_path / "y").exists()

@@ -114,3 +114,18 @@ def test_token_dropping_identical_across_expert_layouts_under_tp(mode):
     for other in runs[1:]:
         assert_matches(other, runs[0])
     assert runs[0]["last_row"]["dropped_frac"]["0"] > 0
+
+
+DEDUP_LAYOUTS = {
+    "dp4__ep4-dedup": (4, {"ep": 4}),
+    "tp2-dp2__ep2-etp2-dedup": (4, {"tp": 2, "ep": 2, "etp": 2}),
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", DEDUP_LAYOUTS, ids=list(DEDUP_LAYOUTS))
+def test_dedup_layout_matches_single_process(layout):
+    # moe.dedup only changes the all-to-all dispatcher; the single process is the same run.
+    world_size, parallel = DEDUP_LAYOUTS[layout]
+    result = run_ranks(layout_body, world_size, ("moe.dedup=true",), parallel, timeout=900)[0]
+    assert_matches(result, reference(DROPLESS))

@@ -78,6 +78,7 @@ TEST_VALUES = {
     "moe.pad_to_capacity": Case("true", True, also=("moe.capacity_factor=1.0",)),
     "moe.drop_policy": Case("position", "position"),
     "moe.dispatcher": Case("allgather", "allgather"),
+    "moe.dedup": Case("true", True),
     "moe.shared_ffn_hidden": Case("128", 128),
     "moe.shared_gate": Case("true", True, also=("moe.shared_ffn_hidden=64",)),
     "moe.grouped_gemm": Case("off", "off"),
@@ -97,9 +98,12 @@ TEST_VALUES = {
         "3", 3, also=("parallel.pp=2", "parallel.pp_first_stage_layers=1"), world_size=2
     ),
     "parallel.distributed_optimizer": Case("true", True),
+    "parallel.overlap_grad_reduce": Case("true", True),
+    "parallel.grad_bucket_mb": Case("0.5", 0.5),
     "train.steps": Case("7", 7),
     "train.nonfinite": Case("stop", "stop"),
     "train.max_skipped_steps": Case("3", 3),
+    "train.recompute": Case("moe", "moe"),
     "train.global_batch": Case("32", 32),
     "train.micro_batch": Case("2", 2),
     "train.seq_len": Case("64", 64),
@@ -126,6 +130,7 @@ TEST_VALUES = {
     "checkpoint.keep": Case("3", 3),
     "checkpoint.resume": Case("none", "none"),
     "checkpoint.save_final": Case("false", False),
+    "checkpoint.init_from": Case("runs/upcycled", "runs/upcycled"),
 }
 
 
@@ -203,6 +208,14 @@ RULE_CASES = [
         "moe.pad_to_capacity",
         "capacity_factor",
     ),
+    (
+        "dedup-with-allgather",
+        ["moe.dedup=true", "moe.dispatcher=allgather"],
+        1,
+        "moe.dedup",
+        "alltoall",
+    ),
+    ("grad-bucket-not-positive", ["parallel.grad_bucket_mb=0"], 1, "parallel.grad_bucket_mb", ">"),
     ("unknown-key", ["moe.topk_experts=2"], 1, "moe.topk_experts", "unknown field"),
     ("unknown-section", ["router.topk=2"], 1, "--set 'router.topk=2'", "unknown section"),
     ("set-without-field", ["moe=2"], 1, "--set 'moe=2'", "SECTION.FIELD=VALUE"),
@@ -272,6 +285,13 @@ RULE_CASES = [
         1,
         "moe.first_dense_layers",
         "model.layers=4",
+    ),
+    (
+        "moe-recompute-on-dense-model",
+        ["moe.num_experts=0", "train.recompute=moe_act"],
+        1,
+        "train.recompute",
+        "'full' or 'none'",
     ),
     ("world-size-zero", [], 0, "world_size", ">= 1"),
 ]

@@ -1,0 +1,284 @@
+"""End-to-end training throughput: moefold's Trainer against a Hugging Face
+`MixtralForCausalLM` of the same shape, same weights, same data, optimizer and dtype, one run.
+
+    python -m moefold.bench.train [--presets tiny-moe cpu-moe-1024] [--dtype fp32 bf16]
+        [--steps 5 --warmup 2] [--hf-experts eager] [--threads N] [--set SECTION.FIELD=VALUE ...]
+        [--json]
+
+For every preset and dtype both models start from moefold's initial weights (exported with
+moefold/interop/hf.py and loaded by transformers), draw the same micro-batches from two
+`BatchLoader`s with the same seed, and take the same AdamW steps (same parameter groups, lr
+schedule, betas, weight decay, eps and global-norm clipping). moefold's step is
+`Trainer.train_step` (data, forward/backward, gradient reduction, clipping, optimizer, metrics);
+Hugging Face's is the plain loop a user would write. Steps of the two alternate after the
+warm-ups (`timing.time_interleaved`); figures are medians. MFU is the FLOPs of
+moefold/model/size.py (the training MFU formula) over a torch.matmul peak measured in the same
+run. The router losses are off on both sides (moe.aux_loss_coeff = moe.z_loss_coeff = 0): HF's
+load-balancing loss is computed over all layers' logits at once and has no z-loss, so no
+coefficient makes the two objectives equal; with them off the losses must agree.
+
+Shape legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moefold.bench import timing
+from moefold.bench.timing import Column
+from moefold.config import JobConfig, load_job
+from moefold.data import BatchLoader
+from moefold.interop import hf
+from moefold.model.size import flops_per_token
+from moefold.parallel.layout import ParallelLayout
+from moefold.parallel.mesh import build_parallel_groups
+from moefold.train.launch import build_trainer, init_distributed
+from moefold.train.lr_schedule import lr_at
+from moefold.train.trainer import Trainer
+
+# Both objectives reduce to the token-mean LM loss (see the module docstring).
+SAME_OBJECTIVE = ("moe.aux_loss_coeff=0", "moe.z_loss_coeff=0", "moe.capacity_factor=none")
+COLUMNS = (
+    Column("preset", "preset"),
+    Column("name", "name"),
+    Column("dtype", "dtype"),
+    Column("ep", "ep"),
+    Column("tokens_per_s", "tokens_per_s", ".0f"),
+    Column("tflops", "tflops", ".4f"),
+    Column("mfu_pct", "MFU %", ".1f"),
+    Column("ratio_vs_hf", "ratio_vs_hf", ".2f"),
+    Column("step_ms", "step_ms", ".0f"),
+    Column("final_loss", "loss_after_N", ".5f"),
+    Column("max_loss_diff", "max_abs_loss_diff", ".2e"),
+)
+
+
+@dataclass
+class StepLog:
+    """The loss of every step a model took (warm-ups included), in order."""
+
+    losses: list[float]
+
+
+def bench_job(preset: str, dtype_name: str, overrides: list[str], num_steps: int) -> JobConfig:
+    """The preset with the router losses off, the dtype, and a schedule of `num_steps`."""
+    return load_job(
+        preset,
+        [*SAME_OBJECTIVE, *overrides, f"train.dtype={dtype_name}", f"train.steps={num_steps}"],
+    )
+
+
+def moefold_step(trainer: Trainer, log: StepLog) -> Callable[[], None]:
+    def step() -> None:
+        log.losses.append(trainer.train_step()["loss"])
+
+    return step
+
+
+def build_hf_model(trainer: Trainer, job: JobConfig, experts_impl: str) -> torch.nn.Module:
+    """transformers' Mixtral holding moefold's current (initial) weights, fp32, training mode."""
+    from transformers import MixtralForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="moefold-bench-") as folder:
+        hf.write_hf(hf.model_tensors(trainer.model), job.model, job.moe, folder)
+        model = MixtralForCausalLM.from_pretrained(
+            folder,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            experts_implementation=experts_impl,
+        )
+    return model.train()
+
+
+class HFTrainStep:
+    """The training step of a transformers model as a user writes it: micro-batch loop with
+    gradient accumulation, clip_grad_norm_, AdamW with moefold's groups and lr schedule."""
+
+    def __init__(self, model: torch.nn.Module, job: JobConfig, dataset, log: StepLog) -> None:
+        train = job.train
+        self.model, self.train_cfg, self.log = model, train, log
+        self.loader = BatchLoader(dataset, train.global_batch, train.micro_batch, train.seed)
+        named = list(model.named_parameters())
+        # moefold's rule (parallel/optimizer.py): decay matrices, never the embedding table.
+        decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed_tokens" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=train.lr,
+            betas=(train.beta1, train.beta2),
+            eps=train.eps,
+            foreach=True,
+        )
+        self.num_microbatches = train.global_batch // train.micro_batch
+        self.step_index = 0
+
+    def autocast(self):
+        enabled = self.train_cfg.dtype == "bf16"
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+    def __call__(self) -> None:
+        total = 0.0
+        for batch_BS1 in self.loader.next_batch():
+            inputs_BS, labels_BS = batch_BS1[:, :-1], batch_BS1[:, 1:]
+            with self.autocast():
+                logits_BSV = self.model(input_ids=inputs_BS).logits
+                loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten())
+            (loss / self.num_microbatches).backward()
+            total += float(loss.detach())
+        if self.train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step_index, self.train_cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        self.log.losses.append(total / self.num_microbatches)
+
+
+def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float) -> list[dict]:
+    """moefold and HF rows of one preset at one dtype."""
+    num_steps = args.warmup + args.steps
+    job = bench_job(preset, dtype_name, args.overrides, num_steps)
+    hf.hf_family(job.model, job.moe)  # a ValueError here: no transformers model of this shape
+    groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, 1))
+    with tempfile.TemporaryDirectory(prefix="moefold-bench-run-") as out_dir:
+        trainer = build_trainer(job, groups, Path(out_dir), torch.device("cpu"))
+        hf_model = build_hf_model(trainer, job, args.hf_experts)
+        logs = {"moefold": StepLog([]), "hf-mixtral": StepLog([])}
+        steps = {
+            "moefold": moefold_step(trainer, logs["moefold"]),
+            "hf-mixtral": HFTrainStep(hf_model, job, trainer.loader.dataset, logs["hf-mixtral"]),
+        }
+        timing.progress(f"{preset} {dtype_name}: {num_steps} steps per model")
+        seconds = timing.time_interleaved(steps, args.steps, args.warmup)
+    tokens_per_step = job.train.global_batch * job.train.seq_len
+    step_flops = flops_per_token(job.model, job.moe, job.train.seq_len) * tokens_per_step
+    max_diff = max(
+        abs(a - b) for a, b in zip(logs["moefold"].losses, logs["hf-mixtral"].losses, strict=True)
+    )
+    hf_s = timing.median(seconds["hf-mixtral"])
+    rows = []
+    for name, step_s_all in seconds.items():
+        step_s = timing.median(step_s_all)
+        rows.append(
+            {
+                "preset": preset,
+                "name": name,
+                "dtype": dtype_name,
+                "ep": 1,
+                "tokens_per_s": tokens_per_step / step_s,
+                "tflops": step_flops / step_s / 1e12,
+                "mfu_pct": 100.0 * step_flops / step_s / peak,
+                "ratio_vs_hf": hf_s / step_s,
+                "step_ms": 1e3 * step_s,
+                "final_loss": logs[name].losses[-1],
+                "max_loss_diff": max_diff,
+                "losses": logs[name].losses,
+                "step_s_all": step_s_all,
+                "step_flops": step_flops,
+            }
+        )
+    del trainer, hf_model, steps
+    gc.collect()
+    return rows
+
+
+def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+    env = timing.environment()
+    return {
+        "benchmark": "moefold bench train: full training steps, moefold Trainer vs transformers "
+        "MixtralForCausalLM (same weights, data, AdamW, lr schedule, clipping, dtype), ep=1",
+        "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, the two "
+        "models interleaved step by step; ratio_vs_hf = HF step time / row step time",
+        "losses": f"loss_after_N = loss of step {args.warmup + args.steps}; max_abs_loss_diff "
+        "over all steps; router aux and z losses off on both sides (no HF coefficient matches)",
+        "hf": f"experts_implementation={args.hf_experts}, attn_implementation=sdpa",
+        "bf16": "fp32 parameters, forward under torch.autocast(cpu, bf16) (train.dtype=bf16)",
+        "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
+        f"python {env['python']}",
+        "peak": ", ".join(f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items())
+        + f" (torch.matmul {args.peak_size}^3, best of 1 s before and 1 s after the rows)",
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moefold.bench.train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--presets", nargs="+", default=["tiny-moe", "cpu-moe-1024"])
+    parser.add_argument("--dtype", nargs="+", choices=list(timing.DTYPES), default=["fp32"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument(
+        "--hf-experts",
+        default="eager",
+        choices=["eager", "grouped_mm", "batched_mm"],
+        help="transformers experts implementation",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config override applied to every preset (after the bench's own)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads for both models (0 = as is)"
+    )
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
+        parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peaks, rows = {}, []
+    with contextlib.redirect_stdout(sys.stderr):
+        init_distributed(torch.device("cpu"))  # a one-rank gloo group for the Trainer
+        try:
+            for dtype_name in dict.fromkeys(args.dtype):
+                dtype = timing.DTYPES[dtype_name]
+                timing.progress(f"{dtype_name}: measuring the torch.matmul peak")
+                peak = timing.measure_peak(dtype, args.peak_size)
+                dtype_rows = [
+                    row
+                    for preset in args.presets
+                    for row in run_case(args, preset, dtype_name, peak)
+                ]
+                peaks[dtype_name] = max(peak, timing.measure_peak(dtype, args.peak_size))
+                for row in dtype_rows:
+                    row["mfu_pct"] *= peak / peaks[dtype_name]
+                rows.extend(dtype_rows)
+        finally:
+            dist.destroy_process_group()
+    info = header(args, peaks)
+    if args.json:
+        print(timing.to_json({**info, "peak_flops": peaks, "rows": rows}))
+    else:
+        print(timing.format_header(info))
+        print(timing.format_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Gradient buckets: a step's data-parallel reductions, launched as soon as gradients are final.
+
+A bucket is a run of parameters of one gradient family (data_parallel.py) whose gradients go
+through one collective on the family's reduction group: an all-reduce (ReplicatedAdamW) or a
+reduce-scatter onto this rank's slice of the fp32 master gradient (ShardedAdamW, ZeRO-1).
+
+Without overlap each family (ZeRO-1: each (family, weight decay) group) is one bucket, and
+`GradReducer.finish` reduces them all after backward. With `parallel.overlap_grad_reduce`,
+buckets hold about `parallel.grad_bucket_mb` each, filled in reverse registration order (about
+the order in which backward finishes gradients). A post-accumulate-grad hook on every
+parameter counts its gradient's accumulations: the `backwards_per_step`-th (this rank's
+micro-batches; every pipeline stage runs one backward per micro-batch, whatever the schedule
+and however many virtual stages) leaves it final, and once all of a bucket's gradients are
+final its collective is launched with async_op=True while backward goes on. Earlier
+micro-batches never reduce. `finish` launches what the hooks did not (a gradient that never
+arrived is reduced as zeros, so every rank issues the same collectives) and waits for all.
+
+Order: collectives on one process group must be issued in the same order on every rank, and
+families can share a group (all are WORLD at dp = world size), so buckets launch strictly in
+planned order; a ready bucket waits for the earlier ones. Hooks run in the autograd engine's
+order, which is the same on every rank (same graph), so launches also interleave the same way
+with backward's own collectives (ep all-to-all, tp reduce-scatter) where those share a group.
+The hooks are installed here, next to the only collectives they launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moefold.parallel.mesh import ParallelGroups
+
+
+def plan_buckets(nbytes: list[int], keys: list[Hashable], cap_bytes: float) -> list[list[int]]:
+    """Group parameter indices 0..n-1 into buckets that each hold a single key.
+
+    Walks the parameters backwards keeping one open bucket per key; a bucket closes once it
+    holds `cap_bytes` or more (a larger parameter fills one alone). Returns the buckets in
+    closing order, then the still-open ones in the order their keys first came up; with
+    `cap_bytes = inf` that is one bucket per key.
+    """
+    open_buckets: dict[Hashable, list[int]] = {}
+    filled: dict[Hashable, int] = {}
+    closed = []
+    for index in reversed(range(len(nbytes))):
+        key = keys[index]
+        open_buckets.setdefault(key, []).append(index)
+        filled[key] = filled.get(key, 0) + nbytes[index]
+        if filled[key] >= cap_bytes:
+            closed.append(open_buckets.pop(key))
+            filled[key] = 0
+    return closed + list(open_buckets.values())
+
+
+def _stats_family(group_name: str) -> str:
+    return "edp" if group_name == "edp" else "dp"
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+class AllReduceBucket:
+    """Gradients summed over a family's group in one flat all-reduce. The buffer holds the
+    only copy while in flight; afterwards each parameter's .grad is a view of it."""
+
+    def __init__(self, params: list[nn.Parameter], group_name: str, groups: ParallelGroups):
+        self.params, self.family = params, _stats_family(group_name)
+        self.group, self.size = groups.group(group_name), groups.size(group_name)
+        self.stats = groups.comm_stats
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+    def launch(self) -> None:
+        self.flat = _flatten_dense_tensors(_grads(self.params))
+        for param in self.params:
+            param.grad = None
+        self.stats.add_all_reduce(self.family, self.flat, self.size)
+        self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+
+    def wait(self) -> None:
+        self.work.wait()
+        for param, grad in zip(self.params, _unflatten_dense_tensors(self.flat, self.params)):
+            param.grad = grad
+        self.flat = self.work = None
+
+
+class ReduceScatterBucket:
+    """Gradients summed over a family's group and scattered: this rank receives `out`, its
+    1/n slice of the bucket (padded to a multiple of n), a view of its master gradient. The
+    parameters' own gradients are freed at launch."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        group_name: str,
+        groups: ParallelGroups,
+        out: torch.Tensor,
+    ):
+        self.params, self.family, self.out = params, _stats_family(group_name), out
+        self.group, self.size = groups.group(group_name), groups.size(group_name)
+        self.stats = groups.comm_stats
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+    def launch(self) -> None:
+        flat = padded_flat(_grads(self.params), self.out.numel() * self.size).float()
+        for param in self.params:  # their sum now lives in the master gradient
+            param.grad = None
+        if self.size == 1:
+            self.out.copy_(flat)
+            return
+        self.stats.add(self.family, (self.size - 1) * self.out.numel() * self.out.element_size())
+        self.flat = flat  # kept alive until the collective is done
+        self.work = dist.reduce_scatter_tensor(self.out, flat, group=self.group, async_op=True)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.flat = self.work = None
+
+
+def padded_flat(tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
+    """The tensors flattened into one 1-D tensor, zero-padded to `numel` elements."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    return torch.nn.functional.pad(flat, (0, numel - flat.numel()))
+
+
+class GradReducer:
+    """Runs the buckets' collectives once per step, in bucket order: from backward hooks when
+    `overlap` is set, otherwise (and for whatever the hooks left) in `finish`."""
+
+    def __init__(self, buckets: list, overlap: bool, backwards_per_step: int) -> None:
+        self.buckets, self.backwards_per_step = buckets, backwards_per_step
+        if overlap:
+            for index, bucket in enumerate(buckets):
+                for position, param in enumerate(bucket.params):
+                    param.register_post_accumulate_grad_hook(
+                        partial(self._on_grad_accumulated, index, position)
+                    )
+        self._reset()
+
+    def _reset(self) -> None:
+        self._counts = [[0] * len(bucket.params) for bucket in self.buckets]
+        self._waiting = [len(bucket.params) for bucket in self.buckets]
+        self._next = 0
+
+    @property
+    def launched(self) -> int:
+        """Buckets launched so far in this step (by hooks, until `finish`)."""
+        return self._next
+
+    def _on_grad_accumulated(self, index: int, position: int, param: nn.Parameter) -> None:
+        counts = self._counts[index]
+        counts[position] += 1
+        if counts[position] > self.backwards_per_step:
+            raise RuntimeError(
+                f"a parameter got more than {self.backwards_per_step} gradients in one step: "
+                "its bucket was already reduced; call finish() after each step's backwards"
+            )
+        if counts[position] == self.backwards_per_step:
+            self._waiting[index] -= 1
+            while self._next < len(self.buckets) and self._waiting[self._next] == 0:
+                self.buckets[self._next].launch()
+                self._next += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the buckets not launched yet, in order, and wait for every collective."""
+        for bucket in self.buckets[self._next :]:
+            bucket.launch()
+        for bucket in self.buckets:
+            bucket.wait()
+        self._reset()

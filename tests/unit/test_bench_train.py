@@ -1,0 +1,48 @@
+"""`moefold bench train` on a tiny model: one row per model and dtype, and the Hugging Face
+Mixtral trained from moefold's weights follows moefold's losses (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from moefold.bench import train
+
+pytest.importorskip("transformers")
+
+TINY = [
+    "--presets", "tiny-moe", "--steps", "2", "--warmup", "1", "--peak-size", "32",
+    "--set", "model.hidden=32", "--set", "model.layers=2", "--set", "model.heads=4",
+    "--set", "model.kv_heads=2", "--set", "model.vocab_size=128", "--set", "moe.num_experts=4",
+    "--set", "moe.ffn_hidden=16", "--set", "train.seq_len=16", "--set", "train.global_batch=4",
+    "--set", "train.micro_batch=2", "--set", "data.source=synthetic",
+]  # fmt: skip
+
+
+def test_bench_train_rows_and_equal_losses(capsys):
+    assert train.main([*TINY, "--dtype", "fp32", "bf16", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = document["rows"]
+    assert [(row["name"], row["dtype"]) for row in rows] == [
+        ("moefold", "fp32"),
+        ("hf-mixtral", "fp32"),
+        ("moefold", "bf16"),
+        ("hf-mixtral", "bf16"),
+    ]
+    for row in rows:
+        assert row["ep"] == 1 and row["tokens_per_s"] > 0 and row["tflops"] > 0
+        assert len(row["losses"]) == 3 and len(row["step_s_all"]) == 2
+    moefold_fp32, hf_fp32 = rows[0], rows[1]
+    assert hf_fp32["ratio_vs_hf"] == 1.0
+    # Same weights, data and optimizer: fp32 losses agree to rounding (3 steps).
+    assert moefold_fp32["max_loss_diff"] < 1e-5
+    assert moefold_fp32["losses"] == pytest.approx(hf_fp32["losses"], abs=1e-5)
+    # bf16 routes in fp32 in moefold and in bf16 in transformers: close, not equal.
+    assert rows[2]["max_loss_diff"] < 0.05
+
+
+def test_bench_train_table_header(capsys):
+    assert train.main([*TINY, "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    header = [cell.strip() for cell in out.splitlines()[-4].strip("|").split("|")]
+    assert header[:5] == ["preset", "name", "dtype", "ep", "tokens_per_s"]
+    assert "max_abs_loss_diff" in header and "# peak: fp32" in out
