@@ -103,7 +103,8 @@ def build_hf_model(trainer: Trainer, job: JobConfig, experts_impl: str) -> torch
 
 class HFTrainStep:
     """The training step of a transformers model as a user writes it: micro-batch loop with
-    gradient accumulation, clip_grad_norm_, AdamW with moefold's groups and lr schedule."""
+    gradient accumulation, clip_grad_norm_, fused AdamW (the transformers Trainer's default)
+    with moefold's parameter groups and lr schedule."""
 
     def __init__(self, model: torch.nn.Module, job: JobConfig, dataset, log: StepLog) -> None:
         train = job.train
@@ -121,7 +122,7 @@ class HFTrainStep:
             lr=train.lr,
             betas=(train.beta1, train.beta2),
             eps=train.eps,
-            foreach=True,
+            fused=True,  # transformers' Trainer default on torch >= 2.8 (adamw_torch_fused)
         )
         self.num_microbatches = train.global_batch // train.micro_batch
         self.step_index = 0
@@ -206,7 +207,8 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
         "models interleaved step by step; ratio_vs_hf = HF step time / row step time",
         "losses": f"loss_after_N = loss of step {args.warmup + args.steps}; max_abs_loss_diff "
         "over all steps; router aux and z losses off on both sides (no HF coefficient matches)",
-        "hf": f"experts_implementation={args.hf_experts}, attn_implementation=sdpa",
+        "hf": f"experts_implementation={args.hf_experts}, attn_implementation=sdpa, "
+        "torch.optim.AdamW(fused=True) as transformers' Trainer defaults to",
         "bf16": "fp32 parameters, forward under torch.autocast(cpu, bf16) (train.dtype=bf16)",
         "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
         f"python {env['python']}",
@@ -250,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
         parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads_before)
     peaks, rows = {}, []
     with contextlib.redirect_stdout(sys.stderr):
         init_distributed(torch.device("cpu"))  # a one-rank gloo group for the Trainer
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dist.destroy_process_group()
     info = header(args, peaks)
+    torch.set_num_threads(threads_before)
     if args.json:
         print(timing.to_json({**info, "peak_flops": peaks, "rows": rows}))
     else:

@@ -68,8 +68,9 @@ def grad_sum_of_squares(model: nn.Module, groups: ParallelGroups) -> torch.Tenso
     total = torch.zeros((), dtype=torch.float32)
     for family, params in _params_by_family(model).items():
         local = torch.zeros((), dtype=torch.float32)
-        for param in params:
-            local += param.grad.detach().float().pow(2).sum().cpu()
+        if params:  # one norm pass per gradient, no squared copy of each (get_total_norm)
+            grads = [param.grad.detach() for param in params]
+            local += torch.nn.utils.get_total_norm(grads).float().square().cpu()
         distinct = DISTINCT_GROUP[family]
         if distinct is not None and groups.size(distinct) > 1:
             dist.all_reduce(local, group=groups.group(distinct))

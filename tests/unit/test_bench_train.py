@@ -10,7 +10,7 @@ from moefold.bench import train
 pytest.importorskip("transformers")
 
 TINY = [
-    "--presets", "tiny-moe", "--steps", "2", "--warmup", "1", "--peak-size", "32",
+    "--presets", "tiny-moe", "--steps", "2", "--warmup", "1", "--peak-size", "32", "--threads", "1",
     "--set", "model.hidden=32", "--set", "model.layers=2", "--set", "model.heads=4",
     "--set", "model.kv_heads=2", "--set", "model.vocab_size=128", "--set", "moe.num_experts=4",
     "--set", "moe.ffn_hidden=16", "--set", "train.seq_len=16", "--set", "train.global_batch=4",
