@@ -50,13 +50,11 @@ DISPATCHERS = {  # row name -> (moe.dispatcher, moe.dedup)
     "moefold-allgather": ("allgather", False),
 }
 FP32_BYTES = 4
+NAME, *OTHER_ROW_COLUMNS = timing.ROW_COLUMNS
 COLUMNS = (
-    Column("name", "name"),
+    NAME,
     Column("routing", "routing"),
-    Column("dtype", "dtype"),
-    Column("ep", "ep"),
-    Column("tokens_per_s", "tokens_per_s", ".0f"),
-    Column("tflops", "tflops", ".4f"),
+    *OTHER_ROW_COLUMNS,
     Column("step_ms", "step_ms", ".1f"),
     Column("dispatch_ms", "dispatch_ms", ".2f"),
     Column("bytes_per_token", "bytes_per_token", ".0f"),

@@ -35,11 +35,7 @@ from moefold.model.transformer import DenseMLP
 
 INIT_STD = 0.02
 COLUMNS = (
-    Column("name", "name"),
-    Column("dtype", "dtype"),
-    Column("ep", "ep"),
-    Column("tokens_per_s", "tokens_per_s", ".0f"),
-    Column("tflops", "tflops", ".4f"),
+    *timing.ROW_COLUMNS,
     Column("pct_of_peak", "pct_of_peak", ".1f"),
     Column("ratio_vs_dense", "ratio_vs_dense", ".3f"),
     Column("step_ms", "step_ms", ".1f"),

@@ -41,19 +41,32 @@ def _rank_body(rank, world_size, overrides, steps):
     return wall / steps, busy / steps
 
 
-def measure(pp: int, vpp: int, schedule: str, layers: int, microbatches: int, steps: int,
-            micro_batch: int):
+def measure(
+    pp: int, vpp: int, schedule: str, layers: int, microbatches: int, steps: int, micro_batch: int
+):
     overrides = [
-        f"model.layers={layers}", f"parallel.pp={pp}", f"parallel.vpp={vpp}",
-        f"parallel.pp_schedule={schedule}", "data.source=synthetic",
-        f"train.micro_batch={micro_batch}", f"train.global_batch={microbatches * micro_batch}",
-        "train.eval_batches=1", "checkpoint.every=0",
+        f"model.layers={layers}",
+        f"parallel.pp={pp}",
+        f"parallel.vpp={vpp}",
+        f"parallel.pp_schedule={schedule}",
+        "data.source=synthetic",
+        f"train.micro_batch={micro_batch}",
+        f"train.global_batch={microbatches * micro_batch}",
+        "train.eval_batches=1",
+        "checkpoint.every=0",
     ]
     per_rank = run_ranks(_rank_body, pp, overrides, steps, timeout=600)
     idle_ratio = sum((wall - busy) / busy for wall, busy in per_rank) / len(per_rank)
     step_s = max(wall for wall, _ in per_rank)
-    return {"pp": pp, "vpp": vpp, "schedule": schedule, "microbatches": microbatches,
-            "formula": (pp - 1) / (microbatches * vpp), "measured": idle_ratio, "step_s": step_s}
+    return {
+        "pp": pp,
+        "vpp": vpp,
+        "schedule": schedule,
+        "microbatches": microbatches,
+        "formula": (pp - 1) / (microbatches * vpp),
+        "measured": idle_ratio,
+        "step_s": step_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,16 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"# torch {torch.__version__}, 1 thread per rank, tiny-moe shape, "
-          f"{args.layers} layers, m={args.microbatches} micro-batches of "
-          f"{args.micro_batch} x 128 tokens")
+    print(
+        f"# torch {torch.__version__}, 1 thread per rank, tiny-moe shape, "
+        f"{args.layers} layers, m={args.microbatches} micro-batches of "
+        f"{args.micro_batch} x 128 tokens"
+    )
     print("| pp | vpp | schedule | formula (pp-1)/(m*v) | measured idle/busy | step s |")
     print("|---|---|---|---|---|---|")
     for pp, vpp, schedule in LAYOUTS:
-        row = measure(pp, vpp, schedule, args.layers, args.microbatches, args.steps,
-                      args.micro_batch)
-        print(f"| {pp} | {vpp} | {schedule} | {row['formula']:.3f} | {row['measured']:.3f} "
-              f"| {row['step_s']:.2f} |", flush=True)
+        row = measure(
+            pp, vpp, schedule, args.layers, args.microbatches, args.steps, args.micro_batch
+        )
+        print(
+            f"| {pp} | {vpp} | {schedule} | {row['formula']:.3f} | {row['measured']:.3f} "
+            f"| {row['step_s']:.2f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -78,6 +78,16 @@ class Column:
     spec: str = ""
 
 
+# Every benchmark row has these keys (the --json contract), in this order in the tables.
+ROW_COLUMNS = (
+    Column("name", "name"),
+    Column("dtype", "dtype"),
+    Column("ep", "ep"),
+    Column("tokens_per_s", "tokens_per_s", ".0f"),
+    Column("tflops", "tflops", ".4f"),
+)
+
+
 def _cell(value: Any, spec: str) -> str:
     if value is None:
         return "-"

@@ -51,11 +51,7 @@ from moefold.train.trainer import Trainer
 SAME_OBJECTIVE = ("moe.aux_loss_coeff=0", "moe.z_loss_coeff=0", "moe.capacity_factor=none")
 COLUMNS = (
     Column("preset", "preset"),
-    Column("name", "name"),
-    Column("dtype", "dtype"),
-    Column("ep", "ep"),
-    Column("tokens_per_s", "tokens_per_s", ".0f"),
-    Column("tflops", "tflops", ".4f"),
+    *timing.ROW_COLUMNS,
     Column("mfu_pct", "MFU %", ".1f"),
     Column("ratio_vs_hf", "ratio_vs_hf", ".2f"),
     Column("step_ms", "step_ms", ".0f"),

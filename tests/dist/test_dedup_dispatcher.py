@@ -20,31 +20,10 @@ from moefold.parallel.expert_parallel import apply_ep, expert_shard
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
 from moefold.testing.dist import run_ranks
+from tests.dist.moe_cases import HIDDEN, make_layer, tokens
 
-HIDDEN = 16
 NUM_EXPERTS = 8
 FFN = 12
-
-
-def make_layer(cfg: MoEConfig, routing: str) -> MoELayer:
-    torch.manual_seed(0)
-    layer = MoELayer(HIDDEN, cfg)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    with torch.no_grad():
-        if routing == "one-rank":  # every token picks experts 0 and 1, both on ep rank 0
-            layer.router.weight.zero_()
-            layer.router.weight[0, 0] = 50.0
-            layer.router.weight[1, 0] = 25.0
-    return layer
-
-
-def tokens(rank: int, routing: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(2, 6, HIDDEN, generator=generator)
-    if routing == "one-rank":
-        x[..., 0] = x[..., 0].abs() + 1.0
-    return x.requires_grad_()
 
 
 def expert_grads(layer: MoELayer, groups) -> dict[str, torch.Tensor]:
@@ -60,7 +39,7 @@ def expert_grads(layer: MoELayer, groups) -> dict[str, torch.Tensor]:
 def body(rank, world_size, cfg_kwargs, ep, etp, routing):
     cfg = MoEConfig(num_experts=NUM_EXPERTS, ffn_hidden=FFN, **cfg_kwargs)
     groups = build_parallel_groups(ParallelLayout.build(world_size, ep=ep, etp=etp))
-    reference = make_layer(cfg, routing)
+    reference = make_layer(cfg, routing == "one-rank")
     plain = copy.deepcopy(reference)
     apply_ep(plain, groups)
     dedup = copy.deepcopy(reference)
@@ -71,7 +50,7 @@ def body(rank, world_size, cfg_kwargs, ep, etp, routing):
     grad = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(7 + rank))
     runs = {}
     for name, layer in (("reference", reference), ("plain", plain), ("dedup", dedup)):
-        x = tokens(rank, routing)
+        x = tokens(rank, routing == "one-rank")
         out = layer(x)
         out.backward(grad)
         runs[name] = (out.detach(), x.grad)
@@ -96,7 +75,7 @@ def body(rank, world_size, cfg_kwargs, ep, etp, routing):
 @torch.no_grad()
 def same_expert_rows(plain: MoELayer, dedup: MoELayer, rank: int, routing: str) -> None:
     """Both dispatchers hand the local experts the same rows, in the same order, bit for bit."""
-    x_TD = tokens(rank, routing).detach().view(-1, HIDDEN)
+    x_TD = tokens(rank, routing == "one-rank").detach().view(-1, HIDDEN)
     probs_TK, ids_TK = plain.router(x_TD, num_sequences=2)
     want = plain.dispatcher.dispatch(x_TD, probs_TK, ids_TK)
     got = dedup.dispatcher.dispatch(x_TD, probs_TK, ids_TK)
@@ -195,9 +174,9 @@ def expected_ep_bytes(ids_by_rank: list[torch.Tensor], me: int, cfg: MoEConfig) 
 def bytes_body(rank, world_size, cfg_kwargs):
     cfg = MoEConfig(num_experts=NUM_EXPERTS, ffn_hidden=FFN, dedup=True, **cfg_kwargs)
     groups = build_parallel_groups(ParallelLayout.build(world_size, ep=world_size))
-    layer = make_layer(cfg, "random")
+    layer = make_layer(cfg, False)
     apply_ep(layer, groups)
-    x = tokens(rank, "random")
+    x = tokens(rank, False)
     probs_TK, ids_TK = layer.router(x.detach().view(-1, HIDDEN), num_sequences=2)
     ids_by_rank = [torch.empty_like(ids_TK) for _ in range(world_size)]
     dist.all_gather(ids_by_rank, kept_ids(ids_TK, probs_TK, cfg))

@@ -13,45 +13,22 @@ import torch
 import torch.distributed as dist
 
 from moefold.config import MoEConfig
-from moefold.model.moe import MoELayer
 from moefold.parallel.expert_parallel import apply_ep, expert_shard
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
 from moefold.testing.dist import run_ranks
-
-HIDDEN = 16
-
-
-def make_layer(cfg: MoEConfig, routing: str) -> MoELayer:
-    torch.manual_seed(0)
-    layer = MoELayer(HIDDEN, cfg)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    with torch.no_grad():
-        if routing == "one-expert":  # every token picks expert 0 (then expert 1)
-            layer.router.weight.zero_()
-            layer.router.weight[0, 0] = 50.0
-            layer.router.weight[1, 0] = 25.0
-    return layer
-
-
-def tokens(rank: int, routing: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(2, 6, HIDDEN, generator=generator)
-    if routing == "one-expert":
-        x[..., 0] = x[..., 0].abs() + 1.0
-    return x.requires_grad_()
+from tests.dist.moe_cases import make_layer, tokens
 
 
 def body(rank, world_size, cfg_kwargs, ep, etp, routing):
     cfg = MoEConfig(num_experts=8, topk=2, ffn_hidden=12, **cfg_kwargs)
     layout = ParallelLayout.build(world_size, ep=ep, etp=etp)
     groups = build_parallel_groups(layout)
-    reference = make_layer(cfg, routing)
+    reference = make_layer(cfg, routing == "one-expert")
     layer = copy.deepcopy(reference)
     apply_ep(layer, groups)
 
-    x_ref, x = tokens(rank, routing), tokens(rank, routing)
+    x_ref, x = tokens(rank, routing == "one-expert"), tokens(rank, routing == "one-expert")
     out_ref, out = reference(x_ref), layer(x)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7 + rank))
     out_ref.backward(grad)
