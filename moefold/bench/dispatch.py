@@ -299,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for spec in group_specs(args) for row in run_group(spec)]
     add_savings(rows)
     info = header(args)
-    if args.json:
-        print(timing.to_json({**info, "rows": rows}))
-    else:
-        print(timing.format_header(info))
-        print(timing.format_table(rows, COLUMNS))
+    timing.print_report(info, rows, COLUMNS, args.json)
     return 0
 
 

@@ -466,11 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # the DeepSpeed row's world-size-1 group
     info = header(args, workload, peaks, {row["name"] for row in rows})
-    if args.json:
-        print(timing.to_json({**info, "peak_flops": peaks, "rows": rows}))
-    else:
-        print(timing.format_header(info))
-        print(timing.format_table(rows, COLUMNS))
+    timing.print_report(info, rows, COLUMNS, args.json, peak_flops=peaks)
     return 0
 
 

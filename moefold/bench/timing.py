@@ -129,3 +129,18 @@ def format_header(items: dict[str, Any]) -> str:
 
 def to_json(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=False)
+
+
+def print_report(
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    columns: Sequence[Column],
+    as_json: bool,
+    **extra: Any,
+) -> None:
+    """The run's header and its table, or one JSON document (header, `extra`, rows)."""
+    if as_json:
+        print(to_json({**info, **extra, "rows": rows}))
+    else:
+        print(format_header(info))
+        print(format_table(rows, columns))

@@ -271,11 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     info = header(args, peaks)
     torch.set_num_threads(threads_before)
-    if args.json:
-        print(timing.to_json({**info, "peak_flops": peaks, "rows": rows}))
-    else:
-        print(timing.format_header(info))
-        print(timing.format_table(rows, COLUMNS))
+    timing.print_report(info, rows, COLUMNS, args.json, peak_flops=peaks)
     return 0
 
 
