@@ -220,6 +220,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     seed: int = 1234  # seed for init, data order and dropout-free sampling
     dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16 = autocast, fp32 master)
+    bf16_gemm: Literal["auto", "native", "fp32"] = (
+        "auto"  # bf16 GEMMs: fp32 math on CPUs lacking bf16 instructions, native, or fp32
+    )
+    keep_host_memory: bool = True  # glibc keeps freed memory (no page faults per step)
     eval_every: int = 0  # validation every n steps (0 = only at the end)
     eval_batches: int = 4  # validation micro-batches per evaluation
     log_every: int = 1  # console progress every n steps

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from moefold.bench import timing
-from moefold.bench.moe_layer import Workload, build_moefold, make_step, random_weights
+from moefold.bench.moe_layer import build_moefold, make_step
 from moefold.bench.timing import Column
+from moefold.bench.workload import Workload, random_weights
 from moefold.testing.dist import run_ranks
 
 ROUTINGS = {"top2-of-8": (8, 2), "top8-of-64": (64, 8)}  # name -> (E, K)
@@ -230,6 +231,7 @@ def header(args: argparse.Namespace) -> dict:
         "random routing's dedup factor",
         "environment": f"torch {env['torch']}, 1 thread per rank, ranks share "
         f"{os.cpu_count()} cores, {env['cpu']}, python {env['python']}",
+        "host memory": args.host_memory,
     }
 
 
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    timing.add_host_memory_flag(parser)
     return parser
 
 
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [ep for ep in args.ep if ep < 2 or num_experts % ep]
         if bad:
             parser.error(f"--ep {bad}: each ep must be >= 2 and divide E={num_experts}")
+    args.host_memory = timing.apply_host_memory(args)
     rows = [row for spec in group_specs(args) for row in run_group(spec)]
     add_savings(rows)
     info = header(args)

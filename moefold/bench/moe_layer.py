@@ -1,14 +1,19 @@
 """Forward + backward of one MoE layer against a dense MLP of the same FLOPs and other
-libraries' MoE blocks, in one process (ep = 1), as one table measured in one run.
+libraries' MoE blocks, in one process (ep = 1) and on ep gloo ranks, as one table measured in
+one run.
 
     python -m moefold.bench.moe_layer [--tokens 4096 --hidden 1024 --ffn 3584 --experts 8
-        --topk 2] [--dtype fp32 bf16] [--steps 5 --warmup 2] [--capacity-factor none 1.0] [--json]
+        --topk 2] [--dtype fp32 bf16] [--ep 1 2 4] [--steps 7 --warmup 2]
+        [--capacity-factor none 1.0] [--bf16-workload auto|full|small|both] [--json]
 
 Every row gets the same input and the same pre-made contiguous output gradient (so no backward
 sees a zero-stride gradient), and every MoE row gets the same router and expert weights, so all
 routers send the same tokens to the same experts. Steps are timed round-robin after the warm-ups
 (`timing.time_interleaved`) and reported as medians, next to a torch.matmul peak measured in the
 same run at the same dtype and thread count.
+
+Rows at ep > 1 come from moefold/bench/moe_layer_ep.py; the other libraries' builders from
+moefold/bench/peers.py.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, F expert FFN hidden,
 E experts, K experts per token.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import sys
@@ -27,65 +33,35 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moefold.bench import timing
+from moefold.bench import peers, timing
 from moefold.bench.timing import Column
+from moefold.bench.workload import INIT_STD, ExpertWeights, Workload, random_weights
 from moefold.config import MoEConfig
+from moefold.model.gemm import cpu_bf16_gemm_is_slow, set_bf16_gemm
 from moefold.model.moe import MoELayer
 from moefold.model.transformer import DenseMLP
 
-INIT_STD = 0.02
+NAME, *OTHER_ROW_COLUMNS = timing.ROW_COLUMNS
 COLUMNS = (
-    *timing.ROW_COLUMNS,
+    NAME,
+    Column("shape", "shape"),
+    *OTHER_ROW_COLUMNS,
     Column("pct_of_peak", "pct_of_peak", ".1f"),
     Column("ratio_vs_dense", "ratio_vs_dense", ".3f"),
+    Column("ratio_vs_best_peer", "ratio_vs_best_peer", ".3f"),
     Column("step_ms", "step_ms", ".1f"),
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class Workload:
-    """The layer shape and the tokens of one step."""
-
-    batch: int
-    seq: int
-    hidden: int
-    ffn_hidden: int  # one routed expert; the dense MLP gets topk * ffn_hidden
-    num_experts: int
-    topk: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch * self.seq
-
-    def moe_step_flops(self) -> int:
-        """Model FLOPs of forward + backward: router + K experts x 3 matmuls, times 3."""
-        T, D = self.num_tokens, self.hidden
-        router = 2 * T * D * self.num_experts
-        experts = self.topk * 3 * 2 * T * D * self.ffn_hidden
-        return 3 * (router + experts)
-
-    def dense_step_flops(self) -> int:
-        return 3 * 3 * 2 * self.num_tokens * self.hidden * self.topk * self.ffn_hidden
-
-
 @dataclass(frozen=True)
-class ExpertWeights:
-    """One set of router and expert weights (fp32) that every MoE row copies."""
+class Section:
+    """Rows measured together: one dtype, one workload ("full" = the command line's shape,
+    "small" = the reduced bf16 shape), with or without the other libraries' rows."""
 
-    router_ED: torch.Tensor
-    gate_EDF: torch.Tensor
-    up_EDF: torch.Tensor
-    down_EFD: torch.Tensor
-
-
-def random_weights(workload: Workload, seed: int) -> ExpertWeights:
-    generator = torch.Generator().manual_seed(seed)
-    E, D, F = workload.num_experts, workload.hidden, workload.ffn_hidden
-
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * INIT_STD
-
-    return ExpertWeights(normal(E, D), normal(E, D, F), normal(E, D, F), normal(E, F, D))
+    dtype_name: str
+    shape: str
+    workload: Workload
+    with_peers: bool
 
 
 @torch.no_grad()
@@ -120,122 +96,6 @@ def build_moefold(
     return layer
 
 
-@torch.no_grad()
-def _load_hf_experts(block: nn.Module, weights: ExpertWeights) -> nn.Module:
-    # transformers stores [gate; up] as (E, 2F, D) and down as (E, D, F), i.e. nn.Linear layout.
-    block.gate.weight.copy_(weights.router_ED)
-    gate_up = torch.cat([weights.gate_EDF.transpose(1, 2), weights.up_EDF.transpose(1, 2)], 1)
-    block.experts.gate_up_proj.copy_(gate_up)
-    block.experts.down_proj.copy_(weights.down_EFD.transpose(1, 2))
-    return block
-
-
-def build_hf_mixtral(workload: Workload, weights: ExpertWeights, experts_impl: str) -> nn.Module:
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(
-        hidden_size=workload.hidden,
-        intermediate_size=workload.ffn_hidden,
-        num_local_experts=workload.num_experts,
-        num_experts_per_tok=workload.topk,
-        router_jitter_noise=0.0,
-    )
-    config._experts_implementation = experts_impl
-    return _load_hf_experts(MixtralSparseMoeBlock(config), weights)
-
-
-def build_hf_qwen3_moe(workload: Workload, weights: ExpertWeights, experts_impl: str) -> nn.Module:
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    config = Qwen3MoeConfig(
-        hidden_size=workload.hidden,
-        moe_intermediate_size=workload.ffn_hidden,
-        num_experts=workload.num_experts,
-        num_experts_per_tok=workload.topk,
-        norm_topk_prob=True,
-    )
-    config._experts_implementation = experts_impl
-    return _load_hf_experts(Qwen3MoeSparseMoeBlock(config), weights)
-
-
-@torch.no_grad()
-def build_torchtitan(workload: Workload, weights: ExpertWeights) -> nn.Module:
-    """torchtitan's MoE (0.3 Config API); its experts always compute in bf16 grouped_mm."""
-    from torchtitan.models.common.linear import Linear
-    from torchtitan.models.common.moe import (
-        GroupedExperts,
-        MoE,
-        RoutedExperts,
-        TokenChoiceTopKRouter,
-    )
-    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
-
-    E, D, F, K = workload.num_experts, workload.hidden, workload.ffn_hidden, workload.topk
-    config = MoE.Config(
-        num_experts=E,
-        routed_experts=RoutedExperts.Config(
-            inner_experts=GroupedExperts.Config(dim=D, hidden_dim=F, num_experts=E),
-            token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K),
-        ),
-        router=TokenChoiceTopKRouter.Config(
-            num_experts=E,
-            gate=Linear.Config(in_features=D, out_features=E),
-            top_k=K,
-            score_func="softmax",
-            route_norm=True,
-        ),
-        load_balance_coeff=None,
-    )
-    moe = config.build()
-    moe.router.gate.weight.copy_(weights.router_ED)
-    experts = moe.routed_experts.inner_experts
-    experts.w1_EFD.copy_(weights.gate_EDF.transpose(1, 2))
-    experts.w3_EFD.copy_(weights.up_EDF.transpose(1, 2))
-    experts.w2_EDF.copy_(weights.down_EFD.transpose(1, 2))
-    return moe
-
-
-class _SwiGLU(nn.Module):
-    def __init__(self, hidden: int, ffn_hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-@torch.no_grad()
-def build_deepspeed(workload: Workload, weights: ExpertWeights) -> nn.Module:
-    """DeepSpeed's MoE, dropless (drop_tokens=False), on a world-size-1 gloo group."""
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.moe.layer import MoE
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    moe = MoE(
-        workload.hidden,
-        _SwiGLU(workload.hidden, workload.ffn_hidden),
-        num_experts=workload.num_experts,
-        ep_size=1,
-        k=workload.topk,
-        drop_tokens=False,
-        top2_2nd_expert_sampling=False,
-    )
-    moe.set_deepspeed_parallelism()
-    moe.deepspeed_moe.gate.wg.weight.copy_(weights.router_ED)
-    for index, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-        expert.gate_proj.weight.copy_(weights.gate_EDF[index].T)
-        expert.up_proj.weight.copy_(weights.up_EDF[index].T)
-        expert.down_proj.weight.copy_(weights.down_EFD[index].T)
-    return moe
-
-
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -244,8 +104,16 @@ class Candidate:
     optional: bool = False  # third-party row: skipped when its package is missing or breaks
 
 
-def candidates(args: argparse.Namespace, workload: Workload) -> list[Candidate]:
-    """The rows of one dtype section, dense first (the ratio's denominator)."""
+def build_moefold_native_bf16(workload: Workload, weights: ExpertWeights) -> nn.Module:
+    """moefold with torch's own bf16 kernels (train.bf16_gemm=native): the upcast's control."""
+    layer = build_moefold(workload, weights, None)
+    set_bf16_gemm(layer, "native")
+    return layer
+
+
+def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
+    """The rows of one ep = 1 section, dense first (the ratio's denominator)."""
+    workload = section.workload
     weights = random_weights(workload, args.seed)
     moe_flops = workload.moe_step_flops()
     dense = Candidate(
@@ -255,12 +123,21 @@ def candidates(args: argparse.Namespace, workload: Workload) -> list[Candidate]:
     for cf in args.capacity_factor:
         name = "moefold" if cf is None else f"moefold-cf{cf:g}"
         rows.append(Candidate(name, lambda cf=cf: build_moefold(workload, weights, cf), moe_flops))
+    if not section.with_peers:
+        return rows
+    if section.dtype_name == "bf16" and cpu_bf16_gemm_is_slow():
+        make = lambda: build_moefold_native_bf16(workload, weights)  # noqa: E731
+        rows.append(Candidate("moefold-native-bf16", make, moe_flops))
+    hf_blocks = (("hf-mixtral", peers.build_hf_mixtral), ("hf-qwen3-moe", peers.build_hf_qwen3_moe))
     for impl in args.hf_experts:
         suffix = "" if impl == "eager" else f"-{impl}"
-        for name, build in (("hf-mixtral", build_hf_mixtral), ("hf-qwen3-moe", build_hf_qwen3_moe)):
+        for name, build in hf_blocks:
             make = lambda b=build, impl=impl: b(workload, weights, impl)  # noqa: E731
             rows.append(Candidate(name + suffix, make, moe_flops))
-    for package, build in (("torchtitan", build_torchtitan), ("deepspeed", build_deepspeed)):
+    for package, build in (
+        ("torchtitan", peers.build_torchtitan),
+        ("deepspeed", peers.build_deepspeed),
+    ):
         if importlib.util.find_spec(package) is not None:
             rows.append(Candidate(package, lambda b=build: b(workload, weights), moe_flops, True))
     return rows
@@ -290,7 +167,7 @@ def make_step(
     return step
 
 
-def _build_modules(
+def build_modules(
     rows: Sequence[Candidate], param_dtype: torch.dtype
 ) -> dict[str, tuple[nn.Module, int]]:
     modules = {}
@@ -307,60 +184,96 @@ def _build_modules(
     return modules
 
 
-def run_dtype(args: argparse.Namespace, workload: Workload, dtype_name: str) -> tuple[float, list]:
-    """Peak and result rows of one dtype section."""
-    dtype = timing.DTYPES[dtype_name]
-    autocast = dtype == torch.bfloat16 and args.bf16_mode == "autocast"
-    param_dtype = torch.float32 if autocast else dtype
-    timing.progress(f"{dtype_name}: measuring the torch.matmul peak")
-    peak = timing.measure_peak(dtype, args.peak_size)
-    modules = _build_modules(candidates(args, workload), param_dtype)
-    generator = torch.Generator().manual_seed(args.seed + 1)
+def step_inputs(workload: Workload, param_dtype: torch.dtype, seed: int):
+    """The input (a leaf wanting a gradient) and one contiguous output gradient per dtype."""
+    generator = torch.Generator().manual_seed(seed)
     shape = (workload.batch, workload.seq, workload.hidden)
     x_BSD = torch.randn(shape, generator=generator).to(param_dtype).requires_grad_()
-    grad = torch.randn(shape, generator=generator)  # contiguous, one per output dtype
-    grad_by_dtype = {d: grad.to(d).contiguous() for d in (torch.float32, torch.bfloat16)}
+    grad = torch.randn(shape, generator=generator)
+    return x_BSD, {d: grad.to(d).contiguous() for d in (torch.float32, torch.bfloat16)}
+
+
+def param_dtype_of(args: argparse.Namespace, dtype_name: str) -> tuple[torch.dtype, bool]:
+    """(parameter dtype, autocast on) of a dtype section."""
+    autocast = dtype_name == "bf16" and args.bf16_mode == "autocast"
+    return (torch.float32 if autocast else timing.DTYPES[dtype_name]), autocast
+
+
+def run_section(args: argparse.Namespace, section: Section) -> list[dict]:
+    """Every ep = 1 row of one section, timed round-robin."""
+    param_dtype, autocast = param_dtype_of(args, section.dtype_name)
+    modules = build_modules(candidates(args, section), param_dtype)
+    x_BSD, grad_by_dtype = step_inputs(section.workload, param_dtype, args.seed + 1)
+    autocast_dtype = torch.bfloat16 if autocast else None
     steps = {
-        name: make_step(module, x_BSD, grad_by_dtype, dtype if autocast else None)
+        name: make_step(module, x_BSD, grad_by_dtype, autocast_dtype)
         for name, (module, _) in modules.items()
     }
+    timing.progress(f"{section.dtype_name} {section.shape} ep1: {', '.join(steps)}")
     seconds = timing.time_interleaved(steps, args.steps, args.warmup)
-    # Measure the peak again after the rows and keep the better one: a neighbour that was busy
-    # during one second of peak measurement must not inflate every pct_of_peak.
-    peak = max(peak, timing.measure_peak(dtype, args.peak_size))
-    dense_s = timing.median(seconds["dense"])
+    flops = {name: step_flops for name, (_, step_flops) in modules.items()}
+    del modules, steps
+    gc.collect()
+    return section_rows(seconds, flops, section, ep=1)
+
+
+def section_rows(
+    seconds: dict[str, list[float]], step_flops: dict[str, int], section: Section, ep: int
+) -> list[dict]:
+    """Rows of one (section, ep); ratios against its dense row and its fastest peer."""
+    medians = {name: timing.median(values) for name, values in seconds.items()}
+    peer_s = [s for name, s in medians.items() if name != "dense" and "moefold" not in name]
     rows = []
-    for name, (_, step_flops) in modules.items():
-        step_s = timing.median(seconds[name])
+    for name, step_s in medians.items():
         rows.append(
             {
                 "name": name,
-                "dtype": dtype_name,
-                "ep": 1,
-                "tokens_per_s": workload.num_tokens / step_s,
-                "tflops": step_flops / step_s / 1e12,
-                "pct_of_peak": 100.0 * step_flops / step_s / peak,
-                "ratio_vs_dense": dense_s / step_s,
+                "shape": section.shape,
+                "dtype": section.dtype_name,
+                "ep": ep,
+                "tokens_per_s": section.workload.num_tokens / step_s,
+                "tflops": step_flops[name] / step_s / 1e12,
+                "ratio_vs_dense": medians["dense"] / step_s,
+                "ratio_vs_best_peer": min(peer_s) / step_s if peer_s else None,
                 "step_ms": 1e3 * step_s,
                 "step_s_all": seconds[name],
-                "step_flops": step_flops,
+                "step_flops": step_flops[name],
             }
         )
-    del modules, steps
-    gc.collect()
-    return peak, rows
+    return rows
+
+
+def add_pct_of_peak(rows: list[dict], peaks: dict[str, float]) -> None:
+    for row in rows:
+        row["pct_of_peak"] = 100.0 * row["tflops"] * 1e12 / peaks[row["dtype"]]
 
 
 ROW_NOTES = {
-    "moefold": "MoELayer in training mode: aux loss (coeff 0.01) on, shared expert off",
+    "moefold": "MoELayer in training mode: aux loss (coeff 0.01) on, shared expert off; ep > 1: "
+    "all-to-all dispatcher",
+    "moefold-native-bf16": "moefold with train.bf16_gemm=native: torch's bf16 kernels, which "
+    "this CPU runs without bf16 instructions (the other moefold rows compute bf16 products as "
+    "fp32 GEMMs, moefold/model/gemm.py)",
+    "dense": "moefold's DenseMLP, same FLOPs minus the router; ep > 1: each rank on its tokens",
     "hf-mixtral": "transformers experts forward picked by --hf-experts (eager = per-expert loop)",
     "torchtitan": "experts always compute in bf16 grouped_mm, so its fp32 row is bf16 math",
-    "deepspeed": "drop_tokens=False, no 2nd-expert Gumbel sampling; l_aux not back-propagated",
+    "deepspeed": "drop_tokens=False, no 2nd-expert Gumbel sampling; l_aux not back-propagated; "
+    "ep > 1: ep_size = ep",
 }
 
 
+def _describe(workload: Workload) -> str:
+    return (
+        f"tokens {workload.num_tokens} (batch {workload.batch} x seq {workload.seq}), "
+        f"hidden {workload.hidden}, expert ffn {workload.ffn_hidden} SwiGLU, "
+        f"{workload.num_experts} experts, top-{workload.topk} softmax router; "
+        f"dense ffn {workload.topk * workload.ffn_hidden}; model FLOPs per step "
+        f"{workload.moe_step_flops() / 1e9:.1f} GFLOP (2*m*n*k per matmul, x3 for fwd+bwd)"
+    )
+
+
 def header(
-    args: argparse.Namespace, workload: Workload, peaks: dict[str, float], names: set[str]
+    args: argparse.Namespace, sections: list[Section], peaks: dict[str, float], names: set[str]
 ) -> dict:
     env = timing.environment()
     bf16 = (
@@ -368,24 +281,84 @@ def header(
         if args.bf16_mode == "params"
         else "fp32 parameters and inputs under torch.autocast(cpu, bf16)"
     )
-    return {
-        "benchmark": "moefold bench moe-layer: forward + backward of one layer, ep=1",
+    shapes = {section.shape: section.workload for section in sections}
+    peak_dtypes = {name: timing.peak_matmul_dtype(timing.DTYPES[name]) for name in peaks}
+    info = {
+        "benchmark": "moefold bench moe-layer: forward + backward of one layer; ep > 1 = ep gloo "
+        "ranks splitting the same tokens",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, rows "
-        "interleaved step by step; ratio_vs_dense = dense step time / row step time",
-        "workload": f"tokens {workload.num_tokens} (batch {workload.batch} x seq {workload.seq}), "
-        f"hidden {workload.hidden}, expert ffn {workload.ffn_hidden} SwiGLU, "
-        f"{workload.num_experts} experts, top-{workload.topk} softmax router; "
-        f"dense ffn {workload.topk * workload.ffn_hidden}",
-        "model_flops_per_step": f"moe {workload.moe_step_flops() / 1e9:.1f} GFLOP, dense "
-        f"{workload.dense_step_flops() / 1e9:.1f} GFLOP (2*m*n*k per matmul, x3 for fwd+bwd; "
-        "capacity drops not subtracted)",
+        "interleaved step by step (slowest rank's median at ep > 1); ratio_vs_dense = dense "
+        "step time / row step time; ratio_vs_best_peer = fastest other library / row, same "
+        "shape, dtype and ep",
+        **{f"shape {name}": _describe(workload) for name, workload in shapes.items()},
         "bf16": bf16,
-        "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
-        f"python {env['python']}",
-        "peak": ", ".join(f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items())
+        "environment": f"torch {env['torch']}, {env['threads']} threads at ep = 1 and 1 thread "
+        f"per rank at ep > 1 (ranks share the cores), {env['cpu']}, python {env['python']}",
+        "host memory": args.host_memory,
+        "peak": ", ".join(
+            f"{name} {flops / 1e9:.1f} GFLOP/s"
+            + (
+                " (fp32 GEMMs: no bf16 instructions)"
+                if peak_dtypes[name] != timing.DTYPES[name]
+                else ""
+            )
+            for name, flops in peaks.items()
+        )
         + f" (torch.matmul {args.peak_size}^3, best of 1 s before and 1 s after the rows)",
-        **{f"note {name}": note for name, note in ROW_NOTES.items() if name in names},
     }
+    if any(not section.with_peers for section in sections):
+        info["bf16 shapes"] = (
+            "this CPU has no bf16 instructions: torch's bf16 kernels, which the other libraries "
+            "use, run at ~1 GFLOP/s here (minutes per full-shape step), so they are timed on "
+            "the small shape; the full bf16 shape has the dense and moefold rows only"
+        )
+    return {**info, **{f"note {name}": note for name, note in ROW_NOTES.items() if name in names}}
+
+
+def plan_sections(args: argparse.Namespace, workload: Workload) -> list[Section]:
+    """The sections of the run, in table order. bf16 under --bf16-workload: `full` (peers on
+    the command line's shape), `small` (peers on tokens / 4, hidden / 2, ffn / 2: 1/16 of the
+    FLOPs), `both` (full shape without peers, then small with them); `auto` is `both` on a
+    CPU without bf16 instructions (torch's bf16 kernels run at ~1 GFLOP/s there) and `full`
+    elsewhere."""
+    small = dataclasses.replace(
+        workload,
+        seq=workload.seq // 4,
+        hidden=max(1, workload.hidden // 2),
+        ffn_hidden=max(1, workload.ffn_hidden // 2),
+    )
+    mode = args.bf16_workload
+    if mode == "auto":
+        mode = "both" if cpu_bf16_gemm_is_slow() else "full"
+    sections = []
+    for dtype_name in dict.fromkeys(args.dtype):
+        if dtype_name != "bf16" or mode == "full":
+            sections.append(Section(dtype_name, "full", workload, with_peers=True))
+            continue
+        if mode == "both":
+            sections.append(Section(dtype_name, "full", workload, with_peers=False))
+        sections.append(Section(dtype_name, "small", small, with_peers=True))
+    return sections
+
+
+def run_all(args: argparse.Namespace, sections: list[Section]) -> list[dict]:
+    """Every section's rows, section by section, ep = 1 first."""
+    from moefold.bench import moe_layer_ep  # it imports this module
+
+    rows = []
+    # Third-party builders print progress to stdout; keep stdout for the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        # ep > 1 first: its ranks fork from a parent that holds no process group yet.
+        for ep in (ep for ep in args.ep if ep > 1):
+            for section in sections:
+                rows.extend(moe_layer_ep.run_section(args, section, ep))
+        if 1 in args.ep:
+            for section in sections:
+                rows.extend(run_section(args, section))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the DeepSpeed row's world-size-1 group
+    order = [(section.dtype_name, section.shape) for section in sections]
+    return sorted(rows, key=lambda row: (order.index((row["dtype"], row["shape"])), row["ep"]))
 
 
 def _capacity_factor(text: str) -> float | None:
@@ -414,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="params",
         help="bf16 rows: bf16 parameters and inputs, or fp32 under autocast",
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     parser.add_argument(
         "--capacity-factor",
@@ -431,9 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["eager", "grouped_mm", "batched_mm"],
         help="transformers experts implementations to time",
     )
+    parser.add_argument(
+        "--ep",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4],
+        help="expert-parallel sizes; ep > 1 splits the tokens over ep gloo ranks",
+    )
+    parser.add_argument(
+        "--bf16-workload",
+        choices=["auto", "full", "small", "both"],
+        default="auto",
+        help="bf16 shape(s), see plan_sections: full, small (tokens/4, hidden/2, ffn/2) or both "
+        "(full without the other libraries); auto = both on a CPU without bf16 instructions",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    timing.add_host_memory_flag(parser)
     return parser
 
 
@@ -457,15 +445,20 @@ def main(argv: list[str] | None = None) -> int:
         num_experts=args.experts,
         topk=args.topk,
     )
-    peaks, rows = {}, []
-    # Third-party builders print progress to stdout; keep stdout for the table or the JSON.
-    with contextlib.redirect_stdout(sys.stderr):
-        for dtype_name in dict.fromkeys(args.dtype):
-            peaks[dtype_name], dtype_rows = run_dtype(args, workload, dtype_name)
-            rows.extend(dtype_rows)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the DeepSpeed row's world-size-1 group
-    info = header(args, workload, peaks, {row["name"] for row in rows})
+    bad_ep = [ep for ep in args.ep if ep < 1 or args.experts % ep or args.tokens % (4 * ep)]
+    if bad_ep:
+        parser.error(f"--ep {bad_ep}: each ep must divide --experts and --tokens / 4")
+    args.host_memory = timing.apply_host_memory(args)
+    sections = plan_sections(args, workload)
+    # The peak before and after the rows, the better one kept: a neighbour that was busy during
+    # one second of peak measurement must not inflate every pct_of_peak.
+    dtypes = dict.fromkeys(section.dtype_name for section in sections)
+    peaks = {name: timing.measure_peak(timing.DTYPES[name], args.peak_size) for name in dtypes}
+    rows = run_all(args, sections)
+    for name, peak in peaks.items():
+        peaks[name] = max(peak, timing.measure_peak(timing.DTYPES[name], args.peak_size))
+    add_pct_of_peak(rows, peaks)
+    info = header(args, sections, peaks, {row["name"] for row in rows})
     timing.print_report(info, rows, COLUMNS, args.json, peak_flops=peaks)
     return 0
 

@@ -7,6 +7,7 @@ seconds per step. Progress goes to stderr so that stdout holds only the table (o
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 
+from moefold.model.gemm import cpu_bf16_gemm_is_slow
+from moefold.train.host_memory import keep_freed_host_memory
 from moefold.train.peak import cpu_model_name, measure_matmul_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,9 +53,19 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def peak_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose matmul peak bounds `dtype`'s products here: fp32 for bf16 on a CPU
+    without bf16 instructions (bf16 products run as fp32 GEMMs there, model/gemm.py)."""
+    if dtype == torch.bfloat16 and cpu_bf16_gemm_is_slow():
+        return torch.float32
+    return dtype
+
+
 def measure_peak(dtype: torch.dtype, matmul_size: int, budget_s: float = 1.0) -> float:
-    """Best torch.matmul FLOP/s at the current thread count, measured now (never cached)."""
-    return measure_matmul_flops(dtype, matmul_size=matmul_size, budget_s=budget_s)
+    """Best torch.matmul FLOP/s at the current thread count for products of `dtype`
+    (`peak_matmul_dtype`), measured now (never cached)."""
+    matmul_dtype = peak_matmul_dtype(dtype)
+    return measure_matmul_flops(matmul_dtype, matmul_size=matmul_size, budget_s=budget_s)
 
 
 def environment() -> dict[str, Any]:
@@ -63,6 +76,23 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_model_name(),
         "python": platform.python_version(),
     }
+
+
+def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's defaults (blocks > 32 MiB mapped and page-faulted afresh each time); "
+        "by default freed memory is kept for every row, as `moefold train` does",
+    )
+
+
+def apply_host_memory(args: argparse.Namespace) -> str:
+    """Apply the run's host-memory policy to this process (and ranks forked from it), before
+    any row is built; returns the header's description of it. Every row runs under it."""
+    if not args.system_malloc and keep_freed_host_memory():
+        return "glibc keeps freed memory for reuse, every row (train.keep_host_memory)"
+    return "allocator defaults (glibc maps and page-faults blocks > 32 MiB afresh)"
 
 
 def progress(message: str) -> None:

@@ -208,6 +208,7 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
         "bf16": "fp32 parameters, forward under torch.autocast(cpu, bf16) (train.dtype=bf16)",
         "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
         f"python {env['python']}",
+        "host memory": args.host_memory,
         "peak": ", ".join(f"{name} {flops / 1e9:.1f} GFLOP/s" for name, flops in peaks.items())
         + f" (torch.matmul {args.peak_size}^3, best of 1 s before and 1 s after the rows)",
     }
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    timing.add_host_memory_flag(parser)
     return parser
 
 
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
         parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
+    args.host_memory = timing.apply_host_memory(args)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads_before)
     peaks, rows = {}, []

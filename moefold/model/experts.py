@@ -4,9 +4,10 @@ Shape legend: R rows (tokens grouped by expert), D model dim, F expert FFN hidde
 under expert tensor parallelism), e local experts.
 
 Two compute paths with identical results:
-- per-expert loop over `unbind` views (default on CPU). `unbind`'s backward stacks the expert
-  gradients once; indexing `w[i]` instead would zero-fill a full-size gradient per expert,
-  which measured about 1 s per step slower on the paper-size layer (shared/BASELINES.md);
+- the per-expert loop with a hand-written backward (model/expert_loop.py, default on CPU):
+  weight gradients written in place, only the pre-activations kept. (Indexing `w[i]` under
+  autograd would zero-fill a full-size gradient per expert, about 1 s per step on the
+  paper-size layer, shared/BASELINES.md; autograd over `unbind` views stacks a copy);
 - `torch.nn.functional.grouped_mm` (default on CUDA; measured slower than the loop on CPU).
 `loop_reference` is the plain reference that tests compare both against.
 The routing probability scales each row's [R, D] output right after the down projection (not
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from moefold.model.expert_loop import swiglu_expert_loop
+from moefold.model.gemm import upcasts_bf16
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,9 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_local_experts, hidden, ffn_hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
         self.grouped_gemm = grouped_gemm
-        self.recompute_activation = False  # train.recompute = moe_act (model/recompute.py)
+        # train.recompute = moe_act (model/recompute.py); the loop path always recomputes it.
+        self.recompute_activation = False
+        self.bf16_gemm = "auto"  # train.bf16_gemm (model/gemm.py)
 
     def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         # recompute_activation: backward keeps gate and up, not silu(gate), and recomputes.
@@ -60,12 +66,10 @@ class GroupedExperts(nn.Module):
             return self._forward_grouped_mm(x_RD, probs_R, tokens_per_expert_e)
         # The one device-to-host sync of the expert compute: split sizes must be Python ints.
         counts = tokens_per_expert_e.tolist()
-        outputs = []
-        weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
-        for x, p, (gate, up, down) in zip(x_RD.split(counts), probs_R.split(counts), weights):
-            act = self._activation(x @ gate, x @ up)
-            outputs.append((act @ down) * p.unsqueeze(-1).to(act.dtype))
-        return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
+        upcast = upcasts_bf16(x_RD.device, self.bf16_gemm)
+        return swiglu_expert_loop(
+            x_RD, probs_R, self.gate_proj, self.up_proj, self.down_proj, counts, upcast
+        )
 
     def _forward_grouped_mm(self, x_RD, probs_R, tokens_per_expert_e):
         offsets = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)

@@ -16,6 +16,7 @@ from torch import nn
 from moefold.config import MoEConfig
 from moefold.dispatch.local import LocalDispatcher
 from moefold.model.experts import GroupedExperts
+from moefold.model.gemm import Linear
 from moefold.model.router import TopKRouter
 
 
@@ -24,10 +25,10 @@ class SharedExpert(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, gated: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden, hidden, bias=False)
-        self.gate = nn.Linear(hidden, 1, bias=False) if gated else None
+        self.gate_proj = Linear(hidden, ffn_hidden, bias=False)
+        self.up_proj = Linear(hidden, ffn_hidden, bias=False)
+        self.down_proj = Linear(ffn_hidden, hidden, bias=False)
+        self.gate = Linear(hidden, 1, bias=False) if gated else None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         out = self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))

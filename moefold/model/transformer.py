@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefold.config import ModelConfig, MoEConfig
+from moefold.model import gemm
+from moefold.model.gemm import Linear
 from moefold.model.moe import MoELayer
 from moefold.model.recompute import RECOMPUTE_MODES, recomputed
 
@@ -67,10 +69,10 @@ def apply_rotary(
     return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
 
 
-def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S) -> torch.Tensor:
+def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto") -> torch.Tensor:
     """Exact causal attention with grouped KV heads (torch SDPA); the sequence is in order."""
-    return F.scaled_dot_product_attention(
-        q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True
+    return gemm.scaled_dot_product_attention(
+        q_BHSDh, k_BGSDh, v_BGSDh, bf16_gemm, is_causal=True, enable_gqa=True
     )
 
 
@@ -110,13 +112,14 @@ class Attention(nn.Module):
         self.num_heads = cfg.heads  # local heads; tensor parallelism divides them
         self.num_kv_heads = cfg.kv_heads
         self.rope_theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
+        self.q_proj = Linear(cfg.hidden, cfg.heads * self.head_dim, bias=cfg.attn_bias)
+        self.k_proj = Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
+        self.v_proj = Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
+        self.o_proj = Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.region = IdentityRegion()
+        self.bf16_gemm = "auto"  # train.bf16_gemm (model/gemm.py), also for the attention
         # Context parallelism replaces this with an exact cross-rank attention.
         self.attention_fn = causal_attention
 
@@ -131,7 +134,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         cos, sin = rotary_tables(positions_S, self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attention_fn(q, k, v, positions_S).transpose(1, 2).reshape(B, S, -1)
+        out = self.attention_fn(q, k, v, positions_S, self.bf16_gemm)
+        out = out.transpose(1, 2).reshape(B, S, -1)
         return self.region.exit(self.o_proj(out))
 
 
@@ -140,9 +144,9 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden, hidden, bias=False)
+        self.gate_proj = Linear(hidden, ffn_hidden, bias=False)
+        self.up_proj = Linear(hidden, ffn_hidden, bias=False)
+        self.down_proj = Linear(ffn_hidden, hidden, bias=False)
         self.region = IdentityRegion()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,13 +198,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, moe, i) for i in range(cfg.layers)})
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else Linear(cfg.hidden, cfg.vocab_size, bias=False)
         )
+        self.bf16_gemm = "auto"  # train.bf16_gemm for the (possibly tied) LM head
         # Which positions this rank's tokens hold; context/sequence parallelism replace it.
         self.positions = SequencePositions()
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def set_bf16_gemm(self, mode: str) -> None:
+        """How bf16 products run (train.bf16_gemm, see moefold/model/gemm.py)."""
+        gemm.set_bf16_gemm(self, mode)
 
     def set_recompute(self, mode: str) -> None:
         """Which activations backward recomputes instead of keeping (train.recompute, see
@@ -240,4 +249,4 @@ class Transformer(nn.Module):
             return x
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        return gemm.linear(x, weight, bf16_gemm=self.bf16_gemm)

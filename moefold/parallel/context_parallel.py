@@ -16,9 +16,9 @@ Shape legend: B batch, H local query heads, G local kv heads, S local sequence, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moefold.model import gemm
 from moefold.model.transformer import Attention, SequencePositions
 from moefold.parallel.comm import CommStats, all_gather_dim
 from moefold.parallel.mesh import ParallelGroups
@@ -32,13 +32,13 @@ class ContextParallelAttention:
     def __init__(self, group, stats: CommStats | None) -> None:
         self.group, self.stats = group, stats
 
-    def __call__(self, q_BHSDh, k_BGSDh, v_BGSDh, positions_S) -> torch.Tensor:
+    def __call__(self, q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto") -> torch.Tensor:
         k_all = all_gather_dim(k_BGSDh, SEQUENCE_DIM, self.group, family="cp", stats=self.stats)
         v_all = all_gather_dim(v_BGSDh, SEQUENCE_DIM, self.group, family="cp", stats=self.stats)
         key_positions = self._gather_positions(positions_S)
         mask_SS = key_positions[None, :] <= positions_S[:, None]
-        return F.scaled_dot_product_attention(
-            q_BHSDh, k_all, v_all, attn_mask=mask_SS, enable_gqa=True
+        return gemm.scaled_dot_product_attention(
+            q_BHSDh, k_all, v_all, bf16_gemm, attn_mask=mask_SS, enable_gqa=True
         )
 
     def _gather_positions(self, positions_S: torch.Tensor) -> torch.Tensor:

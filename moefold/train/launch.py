@@ -19,6 +19,7 @@ from moefold.model import build_model
 from moefold.parallel.apply import parallelize_model
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
+from moefold.train.host_memory import keep_freed_host_memory
 from moefold.train.trainer import Trainer
 
 
@@ -57,11 +58,14 @@ def build_trainer(
         groups.barrier()
     model, stages = parallelize_model(build_model(job).to(device), job, groups)
     model.set_recompute(job.train.recompute)
+    model.set_bf16_gemm(job.train.bf16_gemm)
     return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device)
 
 
 def run_training(job: JobConfig, out_dir: Path, device_name: str = "auto") -> list[dict]:
     device = resolve_device(device_name)
+    if job.train.keep_host_memory:
+        keep_freed_host_memory()  # process-wide, so before any large allocation
     init_distributed(device)
     try:
         torch.manual_seed(job.train.seed)

@@ -9,10 +9,11 @@ from moefold.bench.timing import Column, format_table
 
 TINY = [
     "--tokens", "32", "--batch", "2", "--hidden", "16", "--ffn", "24", "--experts", "4",
-    "--topk", "2", "--steps", "2", "--warmup", "1", "--peak-size", "32",
+    "--topk", "2", "--steps", "2", "--warmup", "1", "--peak-size", "32", "--ep", "1",
 ]  # fmt: skip
 COLUMNS = [
-    "name", "dtype", "ep", "tokens_per_s", "tflops", "pct_of_peak", "ratio_vs_dense", "step_ms",
+    "name", "shape", "dtype", "ep", "tokens_per_s", "tflops", "pct_of_peak", "ratio_vs_dense",
+    "ratio_vs_best_peer", "step_ms",
 ]  # fmt: skip
 REQUIRED_ROWS = {"dense", "moefold", "moefold-cf1", "hf-mixtral", "hf-qwen3-moe"}
 
@@ -25,18 +26,18 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
 
 def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
     argv = TINY + ["--dtype", "fp32", "bf16", "--capacity-factor", "none", "1.0"]
-    assert moe_layer.main(argv) == 0
+    assert moe_layer.main([*argv, "--bf16-workload", "full"]) == 0
     out = capsys.readouterr().out
     header, rows = table_rows(out)
     assert header == COLUMNS
     for dtype in ("fp32", "bf16"):
-        names = {row[0] for row in rows if row[1] == dtype}
+        names = {row[0] for row in rows if row[2] == dtype}
         assert REQUIRED_ROWS <= names
     for row in rows:
-        assert row[2] == "1"
-        assert float(row[3]) > 0  # tokens/s; the rounded TFLOP/s of a tiny workload may read 0
-        assert all(float(value) >= 0 for value in row[4:])
-    assert {row[6] for row in rows if row[0] == "dense"} == {"1.000"}
+        assert row[1] == "full" and row[3] == "1"
+        assert float(row[4]) > 0  # tokens/s; the rounded TFLOP/s of a tiny workload may read 0
+        assert all(float(value) >= 0 for value in row[5:])
+    assert {row[7] for row in rows if row[0] == "dense"} == {"1.000"}
     assert "# peak: fp32 " in out and "bf16 parameters and inputs" in out
 
 
@@ -52,6 +53,8 @@ def test_moe_layer_json_rows_are_complete(capsys):
         assert row["tokens_per_s"] > 0 and row["tflops"] > 0
     dense = next(row for row in rows if row["name"] == "dense")
     assert dense["ratio_vs_dense"] == 1.0
+    peers = [row for row in rows if row["name"] != "dense" and "moefold" not in row["name"]]
+    assert max(row["ratio_vs_best_peer"] for row in peers) == 1.0  # the fastest peer
 
 
 def test_autocast_mode_runs(capsys):
@@ -60,6 +63,53 @@ def test_autocast_mode_runs(capsys):
     out = capsys.readouterr().out
     assert "torch.autocast(cpu, bf16)" in out
     assert {row[0] for row in table_rows(out)[1]} >= {"dense", "moefold"}
+
+
+def test_ep_rows_split_the_same_tokens_over_gloo_ranks(capsys):
+    argv = [*TINY[:-2], "--ep", "1", "2", "--dtype", "fp32", "--hf-experts", "eager", "--json"]
+    assert moe_layer.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    ep2 = {row["name"]: row for row in rows if row["ep"] == 2}
+    assert {"dense", "moefold"} <= set(ep2)
+    ep1 = {row["name"]: row for row in rows if row["ep"] == 1}
+    # Same global workload at every ep: the model FLOPs of a step are the same.
+    assert ep2["moefold"]["step_flops"] == ep1["moefold"]["step_flops"]
+    assert ep2["dense"]["step_flops"] == ep1["dense"]["step_flops"]
+    assert ep2["dense"]["ratio_vs_dense"] == 1.0 and ep2["moefold"]["tokens_per_s"] > 0
+
+
+def test_bf16_shapes_follow_the_bf16_workload_flag():
+    workload = moe_layer.Workload(
+        batch=2, seq=2048, hidden=1024, ffn_hidden=3584, num_experts=8, topk=2
+    )
+
+    def plan(mode: str) -> list[tuple]:
+        args = moe_layer.build_parser().parse_args(["--bf16-workload", mode])
+        return [
+            (s.dtype_name, s.shape, s.with_peers, s.workload.num_tokens, s.workload.hidden)
+            for s in moe_layer.plan_sections(args, workload)
+        ]
+
+    fp32 = ("fp32", "full", True, 4096, 1024)
+    assert plan("full") == [fp32, ("bf16", "full", True, 4096, 1024)]
+    assert plan("small") == [fp32, ("bf16", "small", True, 1024, 512)]
+    assert plan("both") == [
+        fp32,
+        ("bf16", "full", False, 4096, 1024),
+        ("bf16", "small", True, 1024, 512),
+    ]
+    expected_auto = plan("both") if moe_layer.cpu_bf16_gemm_is_slow() else plan("full")
+    assert plan("auto") == expected_auto
+
+
+def test_the_full_bf16_shape_without_peers_has_dense_and_moefold_only(capsys):
+    argv = TINY + ["--dtype", "bf16", "--bf16-workload", "both", "--json"]
+    assert moe_layer.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {row["name"] for row in rows if row["shape"] == "full"} == {"dense", "moefold"}
+    assert REQUIRED_ROWS - {"moefold-cf1"} <= {
+        row["name"] for row in rows if row["shape"] == "small"
+    }
 
 
 def test_paper_workload_flops_match_the_baselines_figure():
@@ -73,8 +123,13 @@ def test_paper_workload_flops_match_the_baselines_figure():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--tokens", "33", "--batch", "2"], ["--topk", "9"], ["--capacity-factor", "0"]],
-    ids=["tokens-not-divisible", "topk-above-experts", "capacity-factor-zero"],
+    [
+        ["--tokens", "33", "--batch", "2"],
+        ["--topk", "9"],
+        ["--capacity-factor", "0"],
+        ["--ep", "3"],
+    ],
+    ids=["tokens-not-divisible", "topk-above-experts", "capacity-factor-zero", "ep-not-dividing"],
 )
 def test_bad_arguments_exit_with_usage_error(argv):
     with pytest.raises(SystemExit) as error:

@@ -104,6 +104,8 @@ TEST_VALUES = {
     "train.nonfinite": Case("stop", "stop"),
     "train.max_skipped_steps": Case("3", 3),
     "train.recompute": Case("moe", "moe"),
+    "train.bf16_gemm": Case("native", "native"),
+    "train.keep_host_memory": Case("false", False),
     "train.global_batch": Case("32", 32),
     "train.micro_batch": Case("2", 2),
     "train.seq_len": Case("64", 64),

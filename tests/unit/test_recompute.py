@@ -90,9 +90,9 @@ def test_recompute_matches_none_exactly(mode, variant):
     assert result["dropped"] == reference["dropped"]
 
 
-def saved_activation_bytes(mode: str) -> int:
+def saved_activation_bytes(mode: str, *overrides: str) -> int:
     """Bytes autograd keeps for backward after one forward (parameters not counted)."""
-    job = load_job("tiny-moe", list(SMALL))
+    job = load_job("tiny-moe", [*SMALL, *overrides])
     model = build_model(job)
     model.set_recompute(mode)
     params = {p.data_ptr() for p in model.parameters()}
@@ -112,7 +112,13 @@ def saved_activation_bytes(mode: str) -> int:
 
 def test_each_mode_keeps_fewer_activations_than_the_one_before():
     saved = [saved_activation_bytes(mode) for mode in ("none", "moe_act", "moe", "full")]
-    assert saved[0] > saved[1] > saved[2] > saved[3], saved
+    # The CPU expert loop (model/expert_loop.py) keeps only the pre-activations in any mode,
+    # so moe_act has nothing left to save there ...
+    assert saved[0] == saved[1] > saved[2] > saved[3], saved
+    # ... while under autograd (the grouped_mm path) it drops silu(gate) and the product.
+    grouped = [saved_activation_bytes(mode, "moe.grouped_gemm=on") for mode in ("none", "moe_act")]
+    assert grouped[0] > grouped[1], grouped
+    assert saved[0] < grouped[0], (saved, grouped)
 
 
 def test_no_grad_forward_under_recompute_equals_the_plain_forward():
