@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moefold.model.gemm import backward_without_autocast
+
 
 class _Dtypes:
     """compute: the dtype the layer computes in (autocast's, or the input's); matmul: the dtype
@@ -69,13 +71,8 @@ class SwiGLUExpertLoop(torch.autograd.Function):
         return out_RD
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_out_RD):
-        # Backward may run inside the caller's autocast region: the dtypes here are explicit.
-        with torch.autocast(device_type=grad_out_RD.device.type, enabled=False):
-            return SwiGLUExpertLoop._backward(ctx, grad_out_RD)
-
-    @staticmethod
-    def _backward(ctx, grad_out_RD):
         x_RD, probs_R, gate_eDF, up_eDF, down_eFD, *kept = ctx.saved_tensors
         dtypes, m = ctx.dtypes, ctx.dtypes.matmul
         need_x, need_p, need_gate, need_up, need_down = ctx.needs_input_grad[:5]

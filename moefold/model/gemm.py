@@ -93,6 +93,18 @@ def _round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+def backward_without_autocast(backward):
+    """Decorate an autograd Function's backward whose dtypes are explicit: backward may run
+    inside the caller's autocast region, which must not recast its products."""
+
+    @functools.wraps(backward)
+    def run(ctx, grad_out, *more_grads):
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return backward(ctx, grad_out, *more_grads)
+
+    return run
+
+
 class _UpcastLinear(torch.autograd.Function):
     """y = x @ w.T + b for bf16 x, w, b as fp32 GEMMs; saves the bf16 inputs only."""
 
@@ -104,12 +116,8 @@ class _UpcastLinear(torch.autograd.Function):
         return _round_bf16(out)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_out):
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            return _UpcastLinear._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad32 = grad_out.float()
         grad_x = grad_w = grad_b = None
