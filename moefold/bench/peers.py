@@ -25,6 +25,11 @@ def _load_hf_experts(block: nn.Module, weights: ExpertWeights) -> nn.Module:
     return block
 
 
+def _build_hf_block(config, block_class, weights: ExpertWeights, experts_impl: str) -> nn.Module:
+    config._experts_implementation = experts_impl
+    return _load_hf_experts(block_class(config), weights)
+
+
 def build_hf_mixtral(workload: Workload, weights: ExpertWeights, experts_impl: str) -> nn.Module:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -36,8 +41,7 @@ def build_hf_mixtral(workload: Workload, weights: ExpertWeights, experts_impl: s
         num_experts_per_tok=workload.topk,
         router_jitter_noise=0.0,
     )
-    config._experts_implementation = experts_impl
-    return _load_hf_experts(MixtralSparseMoeBlock(config), weights)
+    return _build_hf_block(config, MixtralSparseMoeBlock, weights, experts_impl)
 
 
 def build_hf_qwen3_moe(workload: Workload, weights: ExpertWeights, experts_impl: str) -> nn.Module:
@@ -51,8 +55,7 @@ def build_hf_qwen3_moe(workload: Workload, weights: ExpertWeights, experts_impl:
         num_experts_per_tok=workload.topk,
         norm_topk_prob=True,
     )
-    config._experts_implementation = experts_impl
-    return _load_hf_experts(Qwen3MoeSparseMoeBlock(config), weights)
+    return _build_hf_block(config, Qwen3MoeSparseMoeBlock, weights, experts_impl)
 
 
 @torch.no_grad()
