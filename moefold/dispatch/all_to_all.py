@@ -19,7 +19,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from moefold.config import MoEConfig
-from moefold.dispatch.local import gather_rows, scatter_rows
+from moefold.dispatch.local import gather_rows, scatter_rows, take_rows
 from moefold.dispatch.routing import route_slots
 from moefold.parallel.comm import (
     CommStats,
@@ -119,12 +119,13 @@ class AllToAllDispatcher:
             etp_sizes,
             sort_index,
         )
-        return rows_RD[sort_index], probs_R[sort_index], received_SE.sum(0), plan
+        rows_RD, probs_R = take_rows(rows_RD, sort_index), take_rows(probs_R, sort_index)
+        return rows_RD, probs_R, received_SE.sum(0), plan
 
     def combine(self, expert_output_RD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         inverse = torch.empty_like(plan.sort_index)
         inverse[plan.sort_index] = torch.arange(plan.sort_index.numel(), device=inverse.device)
-        rows_RD = expert_output_RD[inverse]
+        rows_RD = take_rows(expert_output_RD, inverse)
         rows_RD = reduce_scatter_dim(
             rows_RD, 0, self.etp_group, sizes=plan.etp_sizes, family="etp", stats=self.stats
         )

@@ -29,7 +29,7 @@ from torch.distributed import ProcessGroup
 
 from moefold.config import MoEConfig
 from moefold.dispatch.all_to_all import gather_counts_over_etp, source_to_expert_order
-from moefold.dispatch.local import scatter_rows
+from moefold.dispatch.local import scatter_rows, take_rows
 from moefold.dispatch.routing import destination_rows, route_slots
 from moefold.parallel.comm import (
     CommStats,
@@ -161,7 +161,7 @@ class DedupAllToAllDispatcher:
 
         token_index_U = destinations.token_index(sum(sizes.unique_sent))
         unique_UD = self._all_to_all(
-            hidden_TD[token_index_U], sizes.unique_received, sizes.unique_sent
+            take_rows(hidden_TD, token_index_U), sizes.unique_received, sizes.unique_sent
         )
         meta_R2 = slot_metadata(probs_TK, routing.slots_R, destinations.unique_index_R)
         meta_R2 = self._all_to_all(meta_R2, sizes.slot_received, sizes.slot_sent)
@@ -185,7 +185,8 @@ class DedupAllToAllDispatcher:
             row_index_R,
             num_unique,
         )
-        return unique_UD[row_index_R], probs_R[sort_index], counts_Be.sum(0), plan
+        rows_RD, probs_R = take_rows(unique_UD, row_index_R), take_rows(probs_R, sort_index)
+        return rows_RD, probs_R, counts_Be.sum(0), plan
 
     def combine(self, expert_output_RD: torch.Tensor, plan: DedupPlan) -> torch.Tensor:
         # Sum each received token's expert rows here, so that one row per token travels back.
