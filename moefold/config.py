@@ -221,7 +221,7 @@ class TrainConfig:
     seed: int = 1234  # seed for init, data order and dropout-free sampling
     dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16 = autocast, fp32 master)
     bf16_gemm: Literal["auto", "native", "fp32"] = (
-        "auto"  # bf16 GEMMs: fp32 math on CPUs lacking bf16 instructions, native, or fp32
+        "auto"  # bf16 GEMMs: auto = fp32 math on CPUs lacking bf16 units or below hidden 512
     )
     keep_host_memory: bool = True  # glibc keeps freed memory (no page faults per step)
     eval_every: int = 0  # validation every n steps (0 = only at the end)

@@ -11,7 +11,8 @@ the result to bf16. The product of two bf16 numbers is exact in fp32, so this is
 with fp32 accumulation - what the native kernels compute - at fp32 speed; only the summation
 order differs. On CUDA and on CPUs with bf16 instructions the native kernels run unchanged.
 
-`bf16_gemm` (train.bf16_gemm): "auto" (upcast on CPUs whose bf16 GEMM is slow), "native"
+`bf16_gemm` (train.bf16_gemm): "auto" (upcast on CPUs whose bf16 GEMM is slow, and for small
+CPU models, `resolve_bf16_gemm`), "native"
 (always torch's bf16 kernels, the reference), "fp32" (always upcast; for tests on any CPU).
 fp32 compute is never touched: every function here is then exactly its torch counterpart.
 """
@@ -87,6 +88,26 @@ def upcasts_bf16(device: torch.device, mode: str) -> bool:
         return True
     assert mode == "auto", mode
     return device.type == "cpu" and cpu_bf16_gemm_is_slow()
+
+
+# CPU models narrower than this train faster in bf16 with fp32 GEMMs even where the CPU has bf16
+# units. Measured end to end (moefold bench train, bf16, AMD EPYC with avx512_bf16, 2 threads):
+# tiny-moe (hidden 128) 306-430 ms a step with fp32 GEMMs against 480-610 ms native; the
+# hidden-1024 preset is far faster native (bf16 GEMMs at ~4x the fp32 rate). At small widths
+# every op is short, so autocast's per-op casts and the bf16 kernels' fixed costs outweigh the
+# faster multiply-adds; see docs/decisions.md (2026-12-03) for the crossover figures.
+SMALL_CPU_MODEL_HIDDEN = 512
+
+
+def resolve_bf16_gemm(mode: str, device: torch.device, hidden: int) -> str:
+    """train.bf16_gemm as a model of width `hidden` runs it: "auto" becomes "fp32" on a CPU whose
+    bf16 GEMMs are slow or for a CPU model narrower than SMALL_CPU_MODEL_HIDDEN, else "native"
+    (always "native" on GPUs); "native" and "fp32" stay as they are."""
+    assert mode in BF16_GEMM_MODES, mode
+    if mode != "auto":
+        return mode
+    small_cpu_model = device.type == "cpu" and hidden < SMALL_CPU_MODEL_HIDDEN
+    return "fp32" if upcasts_bf16(device, "auto") or small_cpu_model else "native"
 
 
 def _round_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from moefold.config import JobConfig, job_to_toml
 from moefold.data import build_datasets
 from moefold.model import build_model
+from moefold.model.gemm import resolve_bf16_gemm
 from moefold.parallel.apply import parallelize_model
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
@@ -58,7 +59,7 @@ def build_trainer(
         groups.barrier()
     model, stages = parallelize_model(build_model(job).to(device), job, groups)
     model.set_recompute(job.train.recompute)
-    model.set_bf16_gemm(job.train.bf16_gemm)
+    model.set_bf16_gemm(resolve_bf16_gemm(job.train.bf16_gemm, device, job.model.hidden))
     return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device)
 
 

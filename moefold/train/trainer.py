@@ -31,7 +31,7 @@ from moefold.checkpoint import (
 )
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
-from moefold.model.gemm import upcasts_bf16
+from moefold.model.gemm import resolve_bf16_gemm, upcasts_bf16
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
@@ -96,7 +96,8 @@ class Trainer:
             flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
         )
         dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
-        if dtype == torch.bfloat16 and upcasts_bf16(device, train.bf16_gemm):
+        gemm_mode = resolve_bf16_gemm(train.bf16_gemm, device, job.model.hidden)
+        if dtype == torch.bfloat16 and upcasts_bf16(device, gemm_mode):
             dtype = torch.float32  # MFU against the GEMMs that run (model/gemm.py)
         # Measured once per machine and cached; only the logging rank reports MFU.
         self.peak = self._peak(device, dtype) if groups.is_logging_rank else None

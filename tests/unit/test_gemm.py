@@ -32,6 +32,19 @@ def test_mode_resolution():
     assert isinstance(gemm.cpu_bf16_gemm_is_slow(), bool)
 
 
+def test_auto_resolves_by_hardware_and_model_width():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    wide, narrow = gemm.SMALL_CPU_MODEL_HIDDEN, gemm.SMALL_CPU_MODEL_HIDDEN - 1
+    for mode in ("native", "fp32"):  # explicit modes are kept, whatever the model
+        assert gemm.resolve_bf16_gemm(mode, cpu, narrow) == mode
+    assert gemm.resolve_bf16_gemm("auto", cpu, narrow) == "fp32"
+    hardware = "fp32" if gemm.cpu_bf16_gemm_is_slow() else "native"
+    assert gemm.resolve_bf16_gemm("auto", cpu, wide) == hardware
+    assert gemm.resolve_bf16_gemm("auto", cuda, narrow) == "native"  # GPUs keep their kernels
+    with pytest.raises(AssertionError):
+        gemm.resolve_bf16_gemm("fast", cpu, wide)
+
+
 def test_fp32_paths_are_torch_itself():
     x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
     for mode in gemm.BF16_GEMM_MODES:
