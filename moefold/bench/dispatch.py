@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from moefold.bench import timing
 from moefold.bench.moe_layer import build_moefold, make_step
@@ -157,7 +158,7 @@ def rank_body(rank: int, world_size: int, spec: GroupSpec) -> dict:
             groups.comm_stats.reset()
             dispatch()
             sent_bytes[name] = sum(groups.comm_stats.as_dict().values())
-        seconds = timing.time_interleaved(steps, spec.steps, spec.warmup)
+        seconds = timing.time_interleaved(steps, spec.steps, spec.warmup, align=dist.barrier)
     experts_per_rank = workload.num_experts // world_size
     return {
         "seconds": {key: timing.median(values) for key, values in seconds.items()},

@@ -5,7 +5,8 @@ Rank r holds tokens [r*T/ep, (r+1)*T/ep) of the ep = 1 workload and experts [r*E
 (r+1)*E/ep). Rows: `dense` (each rank runs the same-FLOP dense MLP on its own tokens, no
 communication: the data-parallel roofline), `moefold` (all-to-all dispatcher, moe/apply_ep)
 and DeepSpeed's MoE with ep_size = ep when it is installed. Every rank times its rows
-round-robin; a row's step time is the slowest rank's time of that step.
+round-robin, all ranks starting each step together (a barrier, untimed); a row's step time is
+the slowest rank's time of that step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from moefold.bench import moe_layer, peers, timing
 from moefold.bench.workload import Workload, random_weights
@@ -87,7 +89,7 @@ def rank_body(rank: int, world_size: int, spec: EPSection) -> dict:
             name: moe_layer.make_step(module, x_BSD, grad_by_dtype, autocast_dtype)
             for name, (module, _) in modules.items()
         }
-        seconds = timing.time_interleaved(steps, spec.steps, spec.warmup)
+        seconds = timing.time_interleaved(steps, spec.steps, spec.warmup, align=dist.barrier)
     return {"seconds": seconds, "flops": {name: f for name, (_, f) in modules.items()}}
 
 

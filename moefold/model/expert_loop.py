@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from moefold.model.gemm import backward_without_autocast
 
 
-class _Dtypes:
+class GemmDtypes:
     """compute: the dtype the layer computes in (autocast's, or the input's); matmul: the dtype
     GEMM operands are cast to (fp32 when bf16 products are upcast, else compute)."""
 
@@ -58,7 +58,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class SwiGLUExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, probs_R, gate_eDF, up_eDF, down_eFD, counts, dtypes: _Dtypes):
+    def forward(ctx, x_RD, probs_R, gate_eDF, up_eDF, down_eFD, counts, dtypes: GemmDtypes):
         x_m = dtypes.operand(x_RD)
         # Each weight is cast once for all experts and the copy kept for backward, as autocast
         # keeps the bf16 weight of a Linear (no copy at all when the weights are in the GEMM
@@ -148,7 +148,7 @@ def swiglu_expert_loop(
 ) -> torch.Tensor:
     """Rows grouped by expert (`counts` rows each) -> probability-scaled expert outputs [R, D]
     in the compute dtype (autocast's inside autocast)."""
-    dtypes = _Dtypes(
+    dtypes = GemmDtypes(
         torch.get_autocast_dtype(x_RD.device.type)
         if torch.is_autocast_enabled(x_RD.device.type)
         else x_RD.dtype,

@@ -8,7 +8,8 @@ Two compute paths with identical results:
   weight gradients written in place, only the pre-activations kept. (Indexing `w[i]` under
   autograd would zero-fill a full-size gradient per expert, about 1 s per step on the
   paper-size layer, shared/BASELINES.md; autograd over `unbind` views stacks a copy);
-- `torch.nn.functional.grouped_mm` (default on CUDA; measured slower than the loop on CPU).
+- `torch.nn.functional.grouped_mm` (default on CUDA, and on CPU for small experts: see
+  `CPU_GROUPED_MM_MAX_WEIGHTS`).
 `loop_reference` is the plain reference that tests compare both against.
 The routing probability scales each row's [R, D] output right after the down projection (not
 the [R, F] activation before it): F/D times less elementwise work, and autograd keeps an
@@ -23,8 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moefold.model.expert_loop import swiglu_expert_loop
-from moefold.model.gemm import upcasts_bf16
+from moefold.model.expert_loop import GemmDtypes, swiglu_expert_loop
+from moefold.model.gemm import compute_dtype, upcasts_bf16
+
+# On CPU, experts whose weight matrices hold at most this many elements (hidden x local FFN
+# hidden) run as one torch grouped_mm per matrix instead of the per-expert loop. Small experts
+# make the loop's per-expert op overhead (about 25 ops per expert and step) weigh more than its
+# GEMM advantage. Measured fwd+bwd of 8 experts (2 threads, Xeon with AVX-512, torch 2.13;
+# grouped_mm / loop): hidden 128 x ffn 256 0.78, 256 x 512 0.92, 512 x 256 with 64 experts
+# 0.77; 1024 x 512 0.99, 1024 x 1024 1.04, 1024 x 3584 0.97-1.07 (the paper-size layer, where
+# BASELINES.md also has the loop ahead). End to end, tiny-moe (128 x 256) trains 23% faster.
+CPU_GROUPED_MM_MAX_WEIGHTS = 2**18
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -54,9 +64,15 @@ class GroupedExperts(nn.Module):
         return _swiglu(gate, up)
 
     def use_grouped_mm(self, x_RD: torch.Tensor) -> bool:
-        if self.grouped_gemm == "auto":
-            return x_RD.device.type == "cuda"
-        return self.grouped_gemm == "on"
+        """moe.grouped_gemm: "on", "off", or "auto" = on CUDA, and on CPU for small experts."""
+        if self.grouped_gemm != "auto":
+            return self.grouped_gemm == "on"
+        if x_RD.device.type == "cpu":
+            _, hidden, ffn_hidden = self.gate_proj.shape
+            # grouped_mm needs row strides that are multiples of 16 bytes (8 bf16 elements).
+            aligned = hidden % 8 == 0 and ffn_hidden % 8 == 0
+            return aligned and hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS
+        return x_RD.device.type == "cuda"
 
     def forward(
         self, x_RD: torch.Tensor, probs_R: torch.Tensor, tokens_per_expert_e: torch.Tensor
@@ -73,15 +89,15 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped_mm(self, x_RD, probs_R, tokens_per_expert_e):
         offsets = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)
-        device_type = x_RD.device.type
-        autocast_on = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast_on else x_RD.dtype
+        # bf16 products run as fp32 GEMMs of bf16-rounded operands where upcasting (gemm.py).
+        dtypes = GemmDtypes(compute_dtype(x_RD), upcasts_bf16(x_RD.device, self.bf16_gemm))
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
-            x = x_RD.to(dtype)
-            gate = F.grouped_mm(x, self.gate_proj.to(dtype), offs=offsets)
-            up = F.grouped_mm(x, self.up_proj.to(dtype), offs=offsets)
-            out = F.grouped_mm(self._activation(gate, up), self.down_proj.to(dtype), offs=offsets)
-            return out * probs_R.unsqueeze(-1).to(dtype)
+            x = dtypes.operand(x_RD)
+            gate = F.grouped_mm(x, dtypes.operand(self.gate_proj), offs=offsets)
+            up = F.grouped_mm(x, dtypes.operand(self.up_proj), offs=offsets)
+            act = dtypes.operand(self._activation(gate, up))
+            out = F.grouped_mm(act, dtypes.operand(self.down_proj), offs=offsets)
+            return out.to(dtypes.compute) * probs_R.unsqueeze(-1).to(dtypes.compute)
 
 
 def loop_reference(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
+from moefold.model.experts import CPU_GROUPED_MM_MAX_WEIGHTS
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
 from moefold.plan.memory import (
@@ -311,7 +312,9 @@ def _routed(x: _Layer) -> LayerCost:
     x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
     cost.sent["etp"] *= kept / rows
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
-    if not x.device.grouped_gemm:
+    # moefold's CPU loop over experts runs in Python, except for small experts, which torch's
+    # grouped_mm loops over in C++ (the same per-expert GEMMs, without the per-expert ops).
+    if not x.device.grouped_gemm and m.hidden * width > CPU_GROUPED_MM_MAX_WEIGHTS:
         ops += OPS_PER_LOCAL_EXPERT * local_experts
     return x.finish(cost, ops)
 

@@ -182,7 +182,7 @@ def cpu_device(
         runtime_memory_bytes=m["runtime_memory"],
         allocator_overhead=CPU_ALLOCATOR_OVERHEAD,
         overlap=False,  # gloo collectives block; moefold reduces gradients after the backward
-        grouped_gemm=False,  # moefold loops over local experts on CPU
+        grouped_gemm=False,  # moefold loops over local experts on CPU (model/experts.py)
         source=f"{peak.source}; {m['source']}",
     )
 

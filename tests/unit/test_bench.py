@@ -146,3 +146,21 @@ def test_format_table_right_aligns_numbers():
         "| a         |  1.50 |",
         "| long-name | 12.25 |",
     ]
+
+
+def test_time_interleaved_aligns_before_every_timed_step_outside_the_timer(monkeypatch):
+    """`align` (a barrier on ranks) runs before each timed step and is never timed: a fake
+    clock that only `align` advances must give zero-second steps."""
+    from moefold.bench import timing
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def align():
+        calls.append("align")
+        clock[0] += 100.0
+
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    seconds = timing.time_interleaved(steps, steps=2, warmup=1, align=align)
+    assert seconds == {"a": [0.0, 0.0], "b": [0.0, 0.0]}
+    assert calls == ["a", "b"] + ["align", "a", "align", "b"] * 2  # warm-ups are not aligned

@@ -43,3 +43,37 @@ def test_grouped_mm_bf16_close_to_fp32():
         out = experts(x, probs, tpe)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_auto_picks_grouped_mm_for_small_cpu_experts_only():
+    x = torch.zeros(1, 8)
+    small = GroupedExperts(2, 128, 256, grouped_gemm="auto")
+    large = GroupedExperts(2, 1024, 1024, grouped_gemm="auto")
+    assert small.use_grouped_mm(x) and not large.use_grouped_mm(x)
+    assert not GroupedExperts(2, 128, 256, grouped_gemm="off").use_grouped_mm(x)
+    # grouped_mm wants 16-byte row strides: a 2-wide FFN stays on the loop
+    assert not GroupedExperts(2, 32, 2, grouped_gemm="auto").use_grouped_mm(x)
+
+
+def test_grouped_mm_with_upcast_bf16_matches_the_upcast_loop():
+    """bf16 under autocast with bf16 products run as fp32 GEMMs: both paths round the same
+    operands, so they agree far closer than bf16 and fp32 do."""
+    torch.manual_seed(0)
+    x, probs, tpe = torch.randn(40, 16), torch.rand(40), torch.tensor([15, 0, 25])
+    outputs, grads = {}, {}
+    for path in ("on", "off"):
+        torch.manual_seed(1)
+        experts = GroupedExperts(3, 16, 32, grouped_gemm=path)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        experts.bf16_gemm = "fp32"
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = experts(x_in, probs, tpe)
+        out.float().pow(2).sum().backward()
+        outputs[path] = out
+        grads[path] = [x_in.grad] + [p.grad for p in experts.parameters()]
+    assert outputs["on"].dtype == outputs["off"].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs["on"].float(), outputs["off"].float(), rtol=2e-2, atol=1e-2)
+    for on, off in zip(grads["on"], grads["off"], strict=True):
+        torch.testing.assert_close(on.float(), off.float(), rtol=3e-2, atol=3e-2)
