@@ -98,7 +98,7 @@ class MoEConfig:
     dedup: bool = False  # alltoall: send a token once per destination ep rank, not per expert
     shared_ffn_hidden: int = 0  # SwiGLU hidden size of the shared expert (0 = none)
     shared_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
-    grouped_gemm: Literal["auto", "on", "off"] = "auto"  # torch grouped_mm for experts
+    grouped_gemm: Literal["auto", "on", "off"] = "auto"  # grouped_mm experts (auto: CUDA, small CPU)
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 0, "moe.num_experts", "must be >= 0 (0 = dense model)")
