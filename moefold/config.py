@@ -16,6 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+# torch grouped_mm needs 16-byte row strides: hidden sizes in multiples of 8 (bf16) elements.
+GROUPED_MM_ROW_MULTIPLE = 8
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the field and the fix."""
@@ -98,7 +101,9 @@ class MoEConfig:
     dedup: bool = False  # alltoall: send a token once per destination ep rank, not per expert
     shared_ffn_hidden: int = 0  # SwiGLU hidden size of the shared expert (0 = none)
     shared_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
-    grouped_gemm: Literal["auto", "on", "off"] = "auto"  # grouped_mm experts (auto: CUDA, small CPU)
+    grouped_gemm: Literal["auto", "on", "off"] = (
+        "auto"  # grouped_mm experts (auto: CUDA, small CPU)
+    )
 
     def __post_init__(self) -> None:
         _require(self.num_experts >= 0, "moe.num_experts", "must be >= 0 (0 = dense model)")
@@ -497,6 +502,18 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
             moe.ffn_hidden % par.etp == 0,
             "parallel.etp",
             f"moe.ffn_hidden={moe.ffn_hidden} is not divisible by etp={par.etp}",
+        )
+        local_ffn = moe.ffn_hidden // par.etp
+        _require(
+            moe.grouped_gemm != "on"
+            or (
+                model.hidden % GROUPED_MM_ROW_MULTIPLE == 0
+                and local_ffn % GROUPED_MM_ROW_MULTIPLE == 0
+            ),
+            "moe.grouped_gemm",
+            f"'on' needs model.hidden={model.hidden} and moe.ffn_hidden/etp={local_ffn} to be "
+            f"multiples of {GROUPED_MM_ROW_MULTIPLE} (grouped_mm's 16-byte rows); use 'auto' "
+            "or 'off' (the per-expert loop), or change those sizes",
         )
         _require(
             moe.first_dense_layers <= model.layers,

@@ -30,6 +30,11 @@ RULES = [
     ("parallel.ep", "the world size is divisible by ep*etp*pp (edp = world_size / (ep*etp*pp))"),
     ("parallel.ep", "MoE model: moe.num_experts is divisible by ep"),
     ("parallel.etp", "MoE model: moe.ffn_hidden is divisible by etp"),
+    (
+        "moe.grouped_gemm",
+        "MoE model, `on`: model.hidden and moe.ffn_hidden / etp are multiples of 8 "
+        "(grouped_mm's 16-byte rows)",
+    ),
     ("moe.first_dense_layers", "MoE model: at most model.layers"),
     ("parallel.ep", "dense model (moe.num_experts = 0): ep = etp = 1"),
     ("parallel.tp", "tp divides model.heads and model.kv_heads"),

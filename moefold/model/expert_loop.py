@@ -32,20 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moefold.model.gemm import backward_without_autocast
-
-
-class GemmDtypes:
-    """compute: the dtype the layer computes in (autocast's, or the input's); matmul: the dtype
-    GEMM operands are cast to (fp32 when bf16 products are upcast, else compute)."""
-
-    def __init__(self, compute: torch.dtype, upcast: bool) -> None:
-        self.compute = compute
-        self.matmul = torch.float32 if upcast and compute == torch.bfloat16 else compute
-
-    def operand(self, t: torch.Tensor) -> torch.Tensor:
-        """Round to the compute dtype (autocast's cast), then widen for the GEMM if upcasting."""
-        return t.to(self.compute).to(self.matmul)
+from moefold.model.gemm import GemmDtypes, backward_without_autocast
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -148,11 +135,6 @@ def swiglu_expert_loop(
 ) -> torch.Tensor:
     """Rows grouped by expert (`counts` rows each) -> probability-scaled expert outputs [R, D]
     in the compute dtype (autocast's inside autocast)."""
-    dtypes = GemmDtypes(
-        torch.get_autocast_dtype(x_RD.device.type)
-        if torch.is_autocast_enabled(x_RD.device.type)
-        else x_RD.dtype,
-        upcast_bf16,
-    )
+    dtypes = GemmDtypes.for_input(x_RD, upcast_bf16)
     with torch.autocast(device_type=x_RD.device.type, enabled=False):
         return SwiGLUExpertLoop.apply(x_RD, probs_R, gate_eDF, up_eDF, down_eFD, counts, dtypes)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moefold.model.expert_loop import GemmDtypes, swiglu_expert_loop
-from moefold.model.gemm import compute_dtype, upcasts_bf16
+from moefold.config import GROUPED_MM_ROW_MULTIPLE
+from moefold.model.expert_loop import swiglu_expert_loop
+from moefold.model.gemm import GemmDtypes, upcasts_bf16
 
 # On CPU, experts whose weight matrices hold at most this many elements (hidden x local FFN
 # hidden) run as one torch grouped_mm per matrix instead of the per-expert loop. Small experts
@@ -35,6 +36,13 @@ from moefold.model.gemm import compute_dtype, upcasts_bf16
 # 0.77; 1024 x 512 0.99, 1024 x 1024 1.04, 1024 x 3584 0.97-1.07 (the paper-size layer, where
 # BASELINES.md also has the loop ahead). End to end, tiny-moe (128 x 256) trains 23% faster.
 CPU_GROUPED_MM_MAX_WEIGHTS = 2**18
+
+
+def cpu_runs_grouped_mm(hidden: int, ffn_hidden: int) -> bool:
+    """Whether `moe.grouped_gemm=auto` takes grouped_mm on CPU for experts of this shape
+    (`ffn_hidden` local, after etp): small, and with the row strides grouped_mm accepts."""
+    aligned = hidden % GROUPED_MM_ROW_MULTIPLE == 0 and ffn_hidden % GROUPED_MM_ROW_MULTIPLE == 0
+    return aligned and hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -69,9 +77,7 @@ class GroupedExperts(nn.Module):
             return self.grouped_gemm == "on"
         if x_RD.device.type == "cpu":
             _, hidden, ffn_hidden = self.gate_proj.shape
-            # grouped_mm needs row strides that are multiples of 16 bytes (8 bf16 elements).
-            aligned = hidden % 8 == 0 and ffn_hidden % 8 == 0
-            return aligned and hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS
+            return cpu_runs_grouped_mm(hidden, ffn_hidden)
         return x_RD.device.type == "cuda"
 
     def forward(
@@ -90,7 +96,7 @@ class GroupedExperts(nn.Module):
     def _forward_grouped_mm(self, x_RD, probs_R, tokens_per_expert_e):
         offsets = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)
         # bf16 products run as fp32 GEMMs of bf16-rounded operands where upcasting (gemm.py).
-        dtypes = GemmDtypes(compute_dtype(x_RD), upcasts_bf16(x_RD.device, self.bf16_gemm))
+        dtypes = GemmDtypes.for_input(x_RD, upcasts_bf16(x_RD.device, self.bf16_gemm))
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
             x = dtypes.operand(x_RD)
             gate = F.grouped_mm(x, dtypes.operand(self.gate_proj), offs=offsets)

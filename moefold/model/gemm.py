@@ -110,6 +110,24 @@ def resolve_bf16_gemm(mode: str, device: torch.device, hidden: int) -> str:
     return "fp32" if upcasts_bf16(device, "auto") or small_cpu_model else "native"
 
 
+class GemmDtypes:
+    """compute: the dtype the layer computes in (autocast's, or the input's); matmul: the dtype
+    GEMM operands are cast to (fp32 when bf16 products are upcast, else compute)."""
+
+    def __init__(self, compute: torch.dtype, upcast: bool) -> None:
+        self.compute = compute
+        self.matmul = torch.float32 if upcast and compute == torch.bfloat16 else compute
+
+    @classmethod
+    def for_input(cls, x: torch.Tensor, upcast_bf16: bool) -> GemmDtypes:
+        """The dtypes of products on `x` (`compute_dtype`), upcast where `upcasts_bf16` says."""
+        return cls(compute_dtype(x), upcast_bf16)
+
+    def operand(self, t: torch.Tensor) -> torch.Tensor:
+        """Round to the compute dtype (autocast's cast), then widen for the GEMM if upcasting."""
+        return t.to(self.compute).to(self.matmul)
+
+
 def _round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 

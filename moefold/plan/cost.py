@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
-from moefold.model.experts import CPU_GROUPED_MM_MAX_WEIGHTS
+from moefold.model.experts import cpu_runs_grouped_mm
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
 from moefold.plan.memory import (
@@ -314,7 +314,7 @@ def _routed(x: _Layer) -> LayerCost:
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
     # moefold's CPU loop over experts runs in Python, except for small experts, which torch's
     # grouped_mm loops over in C++ (the same per-expert GEMMs, without the per-expert ops).
-    if not x.device.grouped_gemm and m.hidden * width > CPU_GROUPED_MM_MAX_WEIGHTS:
+    if not x.device.grouped_gemm and not cpu_runs_grouped_mm(m.hidden, int(width)):
         ops += OPS_PER_LOCAL_EXPERT * local_experts
     return x.finish(cost, ops)
 

@@ -129,3 +129,17 @@ def test_dedup_layout_matches_single_process(layout):
     world_size, parallel = DEDUP_LAYOUTS[layout]
     result = run_ranks(layout_body, world_size, ("moe.dedup=true",), parallel, timeout=900)[0]
     assert_matches(result, reference(DROPLESS))
+
+
+# Small CPU experts take grouped_mm under moe.grouped_gemm=auto (model/experts.py), so the tiny
+# layouts above mostly run that path; both expert paths are pinned here under tp, ep and etp.
+EXPERT_PATHS = {"loop": ("moe.grouped_gemm=off",), "grouped_mm": ("moe.grouped_gemm=on",)}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("path", EXPERT_PATHS, ids=list(EXPERT_PATHS))
+def test_both_expert_paths_match_single_process(path):
+    model_overrides = EXPERT_PATHS[path]
+    parallel = {"tp": 2, "ep": 2, "etp": 2}
+    result = run_ranks(layout_body, 4, model_overrides, parallel, timeout=900)[0]
+    assert_matches(result, reference(model_overrides))

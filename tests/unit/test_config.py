@@ -230,6 +230,13 @@ RULE_CASES = [
     ("world-not-divisible-by-ep-etp-pp", ["parallel.ep=2"], 3, "parallel.ep", "ep*etp*pp=2"),
     ("num-experts-not-divisible-by-ep", ["parallel.ep=3"], 3, "parallel.ep", "num_experts=8"),
     ("expert-ffn-not-divisible-by-etp", ["parallel.etp=3"], 3, "parallel.etp", "ffn_hidden=256"),
+    (
+        "grouped-gemm-on-with-unaligned-expert-shard",
+        ["moe.grouped_gemm=on", "moe.ffn_hidden=24", "parallel.etp=2"],
+        2,
+        "moe.grouped_gemm",
+        "moe.ffn_hidden/etp=12",
+    ),
     ("heads-not-divisible-by-tp", ["parallel.tp=3"], 3, "parallel.tp", "model.heads=4"),
     (
         "seq-len-not-divisible-by-tp",
