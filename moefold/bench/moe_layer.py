@@ -96,6 +96,11 @@ def build_moefold(
     return layer
 
 
+def moefold_row_name(capacity_factor: float | None) -> str:
+    """`moefold` (dropless) or `moefold-cf<factor>`."""
+    return "moefold" if capacity_factor is None else f"moefold-cf{capacity_factor:g}"
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -121,8 +126,8 @@ def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
     )
     rows = [dense]
     for cf in args.capacity_factor:
-        name = "moefold" if cf is None else f"moefold-cf{cf:g}"
-        rows.append(Candidate(name, lambda cf=cf: build_moefold(workload, weights, cf), moe_flops))
+        build = lambda cf=cf: build_moefold(workload, weights, cf)  # noqa: E731
+        rows.append(Candidate(moefold_row_name(cf), build, moe_flops))
     if not section.with_peers:
         return rows
     if section.dtype_name == "bf16" and cpu_bf16_gemm_is_slow():
@@ -251,6 +256,9 @@ def add_pct_of_peak(rows: list[dict], peaks: dict[str, float]) -> None:
 ROW_NOTES = {
     "moefold": "MoELayer in training mode: aux loss (coeff 0.01) on, shared expert off; ep > 1: "
     "all-to-all dispatcher",
+    "moefold-cf1": "capacity factor 1.0: an expert keeps at most ceil(T*K/E) of its tokens "
+    "(the highest-probability ones; ep > 1: per source rank, over its own tokens), no padding; "
+    "tflops counts the dropless FLOPs",
     "moefold-native-bf16": "moefold with train.bf16_gemm=native: torch's bf16 kernels, which "
     "this CPU runs without bf16 instructions (the other moefold rows compute bf16 products as "
     "fp32 GEMMs, moefold/model/gemm.py)",
@@ -394,9 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity-factor",
         nargs="+",
         type=_capacity_factor,
-        default=[None],
+        default=[None, 1.0],
         metavar="CF",
-        help="one moefold row per value; 'none' = dropless",
+        help="one moefold row per value; 'none' = dropless (default: dropless and 1.0)",
     )
     parser.add_argument(
         "--hf-experts",

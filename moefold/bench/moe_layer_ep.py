@@ -3,10 +3,11 @@ ranks (forked, one thread each, `moefold.testing.dist.run_ranks`).
 
 Rank r holds tokens [r*T/ep, (r+1)*T/ep) of the ep = 1 workload and experts [r*E/ep,
 (r+1)*E/ep). Rows: `dense` (each rank runs the same-FLOP dense MLP on its own tokens, no
-communication: the data-parallel roofline), `moefold` (all-to-all dispatcher, moe/apply_ep)
-and DeepSpeed's MoE with ep_size = ep when it is installed. Every rank times its rows
-round-robin, all ranks starting each step together (a barrier, untimed); a row's step time is
-the slowest rank's time of that step.
+communication: the data-parallel roofline), `moefold` and `moefold-cf<x>` (all-to-all
+dispatcher, moe/apply_ep; dropless and each --capacity-factor) and DeepSpeed's MoE with
+ep_size = ep when it is installed. Every rank times its rows round-robin, all ranks starting
+each step together (a barrier, untimed); a row's step time is the slowest rank's time of that
+step.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class EPSection:
     steps: int
     warmup: int
     seed: int
+    capacity_factors: tuple[float | None, ...] = (None,)  # one moefold row each
 
     @property
     def local_workload(self) -> Workload:
@@ -46,11 +48,11 @@ class EPSection:
         return dataclasses.replace(workload, batch=1, seq=workload.num_tokens // self.ep)
 
 
-def _moefold_ep_layer(spec: EPSection, groups):
+def _moefold_ep_layer(spec: EPSection, groups, capacity_factor: float | None):
     from moefold.parallel.expert_parallel import apply_ep
 
     weights = random_weights(spec.section.workload, spec.seed)
-    layer = moe_layer.build_moefold(spec.local_workload, weights, None)
+    layer = moe_layer.build_moefold(spec.local_workload, weights, capacity_factor)
     apply_ep(layer, groups)  # keeps this rank's experts, binds the all-to-all dispatcher
     return layer
 
@@ -61,11 +63,13 @@ def rank_candidates(spec: EPSection, groups) -> list[moe_layer.Candidate]:
     rows = [
         moe_layer.Candidate(
             "dense", lambda: moe_layer.build_dense(local, spec.seed), local.dense_step_flops()
-        ),
-        moe_layer.Candidate(
-            "moefold", lambda: _moefold_ep_layer(spec, groups), local.moe_step_flops()
-        ),
+        )
     ]
+    for cf in spec.capacity_factors:
+        build = lambda cf=cf: _moefold_ep_layer(spec, groups, cf)  # noqa: E731
+        rows.append(
+            moe_layer.Candidate(moe_layer.moefold_row_name(cf), build, local.moe_step_flops())
+        )
     if spec.section.with_peers and importlib.util.find_spec("deepspeed") is not None:
         build = lambda: peers.build_deepspeed(local, weights, spec.ep)  # noqa: E731
         rows.append(moe_layer.Candidate("deepspeed", build, local.moe_step_flops(), True))
@@ -96,7 +100,16 @@ def rank_body(rank: int, world_size: int, spec: EPSection) -> dict:
 def run_section(args: argparse.Namespace, section: moe_layer.Section, ep: int) -> list[dict]:
     """The section's rows at `ep` (> 1), each step's time the slowest rank's."""
     param_dtype, autocast = moe_layer.param_dtype_of(args, section.dtype_name)
-    spec = EPSection(section, ep, param_dtype, autocast, args.steps, args.warmup, args.seed)
+    spec = EPSection(
+        section,
+        ep,
+        param_dtype,
+        autocast,
+        args.steps,
+        args.warmup,
+        args.seed,
+        tuple(args.capacity_factor),
+    )
     timing.progress(f"{section.dtype_name} {section.shape} ep{ep}: forking {ep} gloo ranks")
     results = run_ranks(rank_body, ep, spec, timeout=RANK_TIMEOUT_S)
     names = [name for name in results[0]["seconds"] if all(name in r["seconds"] for r in results)]

@@ -70,7 +70,7 @@ def test_ep_rows_split_the_same_tokens_over_gloo_ranks(capsys):
     assert moe_layer.main(argv) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     ep2 = {row["name"]: row for row in rows if row["ep"] == 2}
-    assert {"dense", "moefold"} <= set(ep2)
+    assert {"dense", "moefold", "moefold-cf1"} <= set(ep2)  # dropless and cf 1 by default
     ep1 = {row["name"]: row for row in rows if row["ep"] == 1}
     # Same global workload at every ep: the model FLOPs of a step are the same.
     assert ep2["moefold"]["step_flops"] == ep1["moefold"]["step_flops"]
@@ -104,12 +104,11 @@ def test_bf16_shapes_follow_the_bf16_workload_flag():
 
 def test_the_full_bf16_shape_without_peers_has_dense_and_moefold_only(capsys):
     argv = TINY + ["--dtype", "bf16", "--bf16-workload", "both", "--json"]
-    assert moe_layer.main(argv) == 0
+    assert moe_layer.main(argv) == 0  # default capacity factors: dropless and 1.0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert {row["name"] for row in rows if row["shape"] == "full"} == {"dense", "moefold"}
-    assert REQUIRED_ROWS - {"moefold-cf1"} <= {
-        row["name"] for row in rows if row["shape"] == "small"
-    }
+    full = {row["name"] for row in rows if row["shape"] == "full"}
+    assert full == {"dense", "moefold", "moefold-cf1"}
+    assert REQUIRED_ROWS <= {row["name"] for row in rows if row["shape"] == "small"}
 
 
 def test_paper_workload_flops_match_the_baselines_figure():
