@@ -61,12 +61,46 @@ def rotary_tables(
     return angles.cos(), angles.sin()
 
 
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding as one multiply and two in-place multiply-adds on the halves, with its
+    transpose as the backward. Why by hand: autograd over rotate_half's `cat` and `neg` keeps a
+    rotated copy and runs ~10 ops in backward; this runs 3 each way (forward + backward 3.4x
+    faster on a [4, 16, 256, 64] query, 1.4x on tiny-moe's [4, 4, 128, 32]; 2-core Xeon,
+    torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, transpose=False).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin, transpose=True).to(grad_out.dtype), None, None
+
+
+def _rotate(x, cos, sin, transpose: bool) -> torch.Tensor:
+    """With halves x = [x1, x2], c = [c1, c2], s = [s1, s2] of the last dim:
+    rotation  [x1 c1 - x2 s1, x2 c2 + x1 s2]  (x * cos + rotate_half(x) * sin),
+    transpose [x1 c1 + x2 s2, x2 c2 - x1 s1]."""
+    half = x.shape[-1] // 2
+    sin1, sin2 = sin[..., :half], sin[..., half:]
+    out = x * cos
+    if transpose:
+        out[..., :half].addcmul_(x[..., half:], sin2)
+        out[..., half:].addcmul_(x[..., :half], sin1, value=-1.0)
+    else:
+        out[..., :half].addcmul_(x[..., half:], sin1, value=-1.0)
+        out[..., half:].addcmul_(x[..., :half], sin2)
+    return out
+
+
 def apply_rotary(
     x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor
 ) -> torch.Tensor:
-    half = x_BHSDh.shape[-1] // 2
-    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
-    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
+    """Rotary embedding in HF's rotate_half convention, computed in the tables' dtype (fp32) and
+    returned in x's."""
+    return _Rotary.apply(x_BHSDh, cos_SDh, sin_SDh)
 
 
 def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto") -> torch.Tensor:
