@@ -32,9 +32,10 @@ def test_fp32_matches_rotate_half_on_a_transposed_query():
     cos, sin = rotary_tables(torch.arange(3, 19), 32, 10000.0)
     out = apply_rotary(q, cos, sin)
     reference = rotate_half_reference(q, cos, sin)
-    torch.testing.assert_close(out, reference)  # fused multiply-adds: last-bit differences
+    # Rounded op by op like rotate_half's formula: equal to the last bit, both ways.
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
     got, expected = (torch.autograd.grad(y, q, grad)[0] for y in (out, reference))
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_bf16_rounds_once_from_the_exact_result():
