@@ -18,10 +18,12 @@ it into place, so a `step_*` folder is always complete. A crash while saving lea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,16 @@ def _one_process(groups) -> bool:
     return groups is None or groups.world_size == 1
 
 
+@contextlib.contextmanager
+def _quiet_single_process_notice():
+    """DCP warns on every no_dist call that it assumes one process, which is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled", category=UserWarning
+        )
+        yield
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -182,7 +194,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     groups.barrier()
     state = training_state(model, optimizer, groups)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process(groups))
+    with _quiet_single_process_notice():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process(groups))
     groups.barrier()
     if coordinator:
         (tmp / CONFIG_FILE).write_text(config_toml)
@@ -250,7 +263,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -
         raise CheckpointError(f"{path / TRAINER_FILE}: unreadable ({error})") from error
     state = training_state(model, optimizer, groups)
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=_one_process(groups))
+        with _quiet_single_process_notice():
+            dcp.load(state, checkpoint_id=str(path), no_dist=_one_process(groups))
     # DCP raises many types for truncated or corrupt files; its CheckpointException derives
     # from BaseException, so it is named here explicitly.
     except (Exception, CheckpointException) as error:
