@@ -172,6 +172,10 @@ def _run_in_group(fn, rank, world_size, args, kwargs, tmp_dir, timeout) -> tuple
             world_size=world_size,
             timeout=timedelta(seconds=timeout),
         )
+        # Everyone connected before anyone goes on: a rank whose mesh is complete could run a
+        # short `fn`, destroy its group and close its sockets while a peer is still in gloo's
+        # connectFullMesh, which then fails with "Connection closed by peer" (seen in CI).
+        dist.barrier()
         try:
             return ("ok", fn(rank, world_size, *args, **kwargs), 0.0)
         except BaseException:
