@@ -40,7 +40,7 @@ class EPSection:
     steps: int
     warmup: int
     seed: int
-    capacity_factors: tuple[float | None, ...] = (None,)  # one moefold row each
+    capacity_factors: tuple[float | None, ...]  # one moefold row each (None = dropless)
 
     @property
     def local_workload(self) -> Workload:
