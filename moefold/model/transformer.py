@@ -49,9 +49,10 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def rotary_tables(
-    positions_S: torch.Tensor, head_dim: int, theta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+Rope = tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin) tables [S, Dh] of the local tokens
+
+
+def rotary_tables(positions_S: torch.Tensor, head_dim: int, theta: float) -> Rope:
     """cos/sin tables [S, Dh] for the given (global) positions, HF "rotate_half" convention."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_S.device) / head_dim
@@ -156,7 +157,6 @@ class Attention(nn.Module):
         self.head_dim = cfg.resolved_head_dim
         self.num_heads = cfg.heads  # local heads; tensor parallelism divides them
         self.num_kv_heads = cfg.kv_heads
-        self.rope_theta = cfg.rope_theta
         self.q_proj = Linear(cfg.hidden, cfg.heads * self.head_dim, bias=cfg.attn_bias)
         self.k_proj = Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.v_proj = Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=cfg.attn_bias)
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         # Context parallelism replaces this with an exact cross-rank attention.
         self.attention_fn = causal_attention
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, rope: Rope) -> torch.Tensor:
         x_BSD = self.region.enter(x_BSD)
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
@@ -177,8 +177,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = rotary_tables(positions_S, self.head_dim, self.rope_theta)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = self.attention_fn(q, k, v, positions_S, self.bf16_gemm)
         out = out.transpose(1, 2).reshape(B, S, -1)
         return self.region.exit(self.o_proj(out))
@@ -214,13 +213,13 @@ class Block(nn.Module):
             self.mlp = DenseMLP(cfg.hidden, cfg.ffn_hidden)
         self.recompute = "none"  # train.recompute, set by Transformer.set_recompute
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, rope: Rope) -> torch.Tensor:
         if self.recompute == "full" and torch.is_grad_enabled():
-            return recomputed(self._forward, x_BSD, positions_S, region=self)
-        return self._forward(x_BSD, positions_S)
+            return recomputed(self._forward, x_BSD, positions_S, rope, region=self)
+        return self._forward(x_BSD, positions_S, rope)
 
-    def _forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S)
+    def _forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, rope: Rope) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_S, rope)
         if self.recompute == "moe" and isinstance(self.mlp, MoELayer) and torch.is_grad_enabled():
             return x_BSD + recomputed(self._mlp, x_BSD, region=self.mlp)
         return x_BSD + self._mlp(x_BSD)
@@ -288,8 +287,10 @@ class Transformer(nn.Module):
             positions_S = p.attention(x.shape[1] * p.tp_size * p.cp_size, x.device)
         if first:
             x = self.embed(x)
+        # Every block rotates by the same tables: made once per forward, as HF's models do.
+        rope = rotary_tables(positions_S, self.cfg.resolved_head_dim, self.cfg.rope_theta)
         for name in layer_names:
-            x = self.layers[name](x, positions_S)
+            x = self.layers[name](x, positions_S, rope)
         if not last:
             return x
         x = self.norm(x)
