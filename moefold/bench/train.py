@@ -2,8 +2,8 @@
 `MixtralForCausalLM` of the same shape, same weights, same data, optimizer and dtype, one run.
 
     python -m moefold.bench.train [--presets tiny-moe cpu-moe-1024] [--dtype fp32 bf16]
-        [--steps 5 --warmup 2] [--hf-experts eager] [--threads N] [--set SECTION.FIELD=VALUE ...]
-        [--json]
+        [--steps 5 --warmup 2] [--hf-experts eager grouped_mm] [--threads N]
+        [--set SECTION.FIELD=VALUE ...] [--json]
 
 For every preset and dtype both models start from moefold's initial weights (exported with
 moefold/interop/hf.py and loaded by transformers), draw the same micro-batches from two
@@ -11,7 +11,9 @@ moefold/interop/hf.py and loaded by transformers), draw the same micro-batches f
 schedule, betas, weight decay, eps and global-norm clipping). moefold's step is
 `Trainer.train_step` (data, forward/backward, gradient reduction, clipping, optimizer, metrics);
 Hugging Face's is the plain loop a user would write. Steps of the two alternate after the
-warm-ups (`timing.time_interleaved`); figures are medians. MFU is the FLOPs of
+warm-ups (`timing.time_interleaved`); figures are medians. Hugging Face gets one row per
+experts implementation (`--hf-experts`; by default its per-expert loop and grouped_mm, which is
+transformers 5's default), and `ratio_vs_hf` is against the fastest of them. MFU is the FLOPs of
 moefold/model/size.py (the training MFU formula) over a torch.matmul peak measured in the same
 run. The router losses are off on both sides (moe.aux_loss_coeff = moe.z_loss_coeff = 0): HF's
 load-balancing loss is computed over all layers' logits at once and has no z-loss, so no
@@ -82,19 +84,44 @@ def moefold_step(trainer: Trainer, log: StepLog) -> Callable[[], None]:
     return step
 
 
-def build_hf_model(trainer: Trainer, job: JobConfig, experts_impl: str) -> torch.nn.Module:
-    """transformers' Mixtral holding moefold's current (initial) weights, fp32, training mode."""
+def hf_row_name(experts_impl: str) -> str:
+    """`hf-mixtral` (the eager per-expert loop) or `hf-mixtral-<implementation>`."""
+    return "hf-mixtral" if experts_impl == "eager" else f"hf-mixtral-{experts_impl}"
+
+
+def transformers_default_experts() -> str:
+    """The experts implementation transformers picks when the user names none."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tiny = MixtralConfig(
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=8,
+        num_local_experts=2,
+    )
+    return str(getattr(MixtralForCausalLM(tiny).config, "_experts_implementation", "eager"))
+
+
+def build_hf_models(trainer: Trainer, job: JobConfig, experts_impls: list[str]) -> dict:
+    """transformers' Mixtral holding moefold's current (initial) weights, fp32, training mode:
+    one model per experts implementation, keyed by row name."""
     from transformers import MixtralForCausalLM
 
+    models = {}
     with tempfile.TemporaryDirectory(prefix="moefold-bench-") as folder:
         hf.write_hf(hf.model_tensors(trainer.model), job.model, job.moe, folder)
-        model = MixtralForCausalLM.from_pretrained(
-            folder,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            experts_implementation=experts_impl,
-        )
-    return model.train()
+        for impl in experts_impls:
+            model = MixtralForCausalLM.from_pretrained(
+                folder,
+                dtype=torch.float32,
+                attn_implementation="sdpa",
+                experts_implementation=impl,
+            )
+            models[hf_row_name(impl)] = model.train()
+    return models
 
 
 class HFTrainStep:
@@ -154,20 +181,21 @@ def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float
     groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, 1))
     with tempfile.TemporaryDirectory(prefix="moefold-bench-run-") as out_dir:
         trainer = build_trainer(job, groups, Path(out_dir), torch.device("cpu"))
-        hf_model = build_hf_model(trainer, job, args.hf_experts)
-        logs = {"moefold": StepLog([]), "hf-mixtral": StepLog([])}
-        steps = {
-            "moefold": moefold_step(trainer, logs["moefold"]),
-            "hf-mixtral": HFTrainStep(hf_model, job, trainer.loader.dataset, logs["hf-mixtral"]),
-        }
+        hf_models = build_hf_models(trainer, job, args.hf_experts)
+        logs = {name: StepLog([]) for name in ["moefold", *hf_models]}
+        steps = {"moefold": moefold_step(trainer, logs["moefold"])}
+        for name, model in hf_models.items():
+            steps[name] = HFTrainStep(model, job, trainer.loader.dataset, logs[name])
         timing.progress(f"{preset} {dtype_name}: {num_steps} steps per model")
         seconds = timing.time_interleaved(steps, args.steps, args.warmup)
     tokens_per_step = job.train.global_batch * job.train.seq_len
     step_flops = flops_per_token(job.model, job.moe, job.train.seq_len) * tokens_per_step
     max_diff = max(
-        abs(a - b) for a, b in zip(logs["moefold"].losses, logs["hf-mixtral"].losses, strict=True)
+        abs(a - b)
+        for name in hf_models
+        for a, b in zip(logs["moefold"].losses, logs[name].losses, strict=True)
     )
-    hf_s = timing.median(seconds["hf-mixtral"])
+    hf_s = min(timing.median(seconds[name]) for name in hf_models)  # the fastest HF row
     rows = []
     for name, step_s_all in seconds.items():
         step_s = timing.median(step_s_all)
@@ -189,21 +217,27 @@ def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float
                 "step_flops": step_flops,
             }
         )
-    del trainer, hf_model, steps
+    del trainer, hf_models, steps
     gc.collect()
     return rows
 
 
 def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+    import transformers
+
     env = timing.environment()
     return {
         "benchmark": "moefold bench train: full training steps, moefold Trainer vs transformers "
         "MixtralForCausalLM (same weights, data, AdamW, lr schedule, clipping, dtype), ep=1",
-        "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, the two "
-        "models interleaved step by step; ratio_vs_hf = HF step time / row step time",
+        "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, the "
+        "models interleaved step by step; ratio_vs_hf = the fastest HF row's step time / row "
+        "step time",
         "losses": f"loss_after_N = loss of step {args.warmup + args.steps}; max_abs_loss_diff "
-        "over all steps; router aux and z losses off on both sides (no HF coefficient matches)",
-        "hf": f"experts_implementation={args.hf_experts}, attn_implementation=sdpa, "
+        "= moefold vs every HF row over all steps; router aux and z losses off on both sides "
+        "(no HF coefficient matches)",
+        "hf": f"experts_implementation {' and '.join(args.hf_experts)} (one row each; "
+        f"transformers {transformers.__version__} defaults to "
+        f"{transformers_default_experts()}), attn_implementation=sdpa, "
         "torch.optim.AdamW(fused=True) as transformers' Trainer defaults to",
         "bf16": "fp32 parameters, forward under torch.autocast(cpu, bf16) (train.dtype=bf16)",
         "environment": f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, "
@@ -224,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument(
         "--hf-experts",
-        default="eager",
+        nargs="+",
+        default=["eager", "grouped_mm"],
         choices=["eager", "grouped_mm", "batched_mm"],
-        help="transformers experts implementation",
+        help="transformers experts implementations, one HF row each (grouped_mm is "
+        "transformers 5's default)",
     )
     parser.add_argument(
         "--set",
@@ -250,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
         parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
+    args.hf_experts = list(dict.fromkeys(args.hf_experts))
     args.host_memory = timing.apply_host_memory(args)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads_before)
