@@ -48,6 +48,7 @@ COLUMNS = (
     *OTHER_ROW_COLUMNS,
     Column("pct_of_peak", "pct_of_peak", ".1f"),
     Column("ratio_vs_dense", "ratio_vs_dense", ".3f"),
+    Column("ratio_vs_dense_iqr", "paired_q1-q3", ".2f"),
     Column("ratio_vs_best_peer", "ratio_vs_best_peer", ".3f"),
     Column("step_ms", "step_ms", ".1f"),
 )
@@ -248,6 +249,9 @@ def section_rows(
                 "tokens_per_s": section.workload.num_tokens / step_s,
                 "tflops": step_flops[name] / step_s / 1e12,
                 "ratio_vs_dense": medians["dense"] / step_s,
+                "ratio_vs_dense_iqr": timing.paired_ratio_quartiles(
+                    seconds["dense"], seconds[name]
+                ),
                 "ratio_vs_best_peer": min(peer_s) / step_s if peer_s else None,
                 "step_ms": 1e3 * step_s,
                 "step_s_all": seconds[name],
@@ -305,8 +309,9 @@ def header(
         "ranks splitting the same tokens",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, rows "
         "interleaved step by step (slowest rank's median at ep > 1); ratio_vs_dense = dense "
-        "step time / row step time; ratio_vs_best_peer = fastest other library / row, same "
-        "shape, dtype and ep",
+        "step time / row step time; paired_q1-q3 = quartiles of the same ratio taken step by "
+        "step within a round (how far the noise reaches); ratio_vs_best_peer = fastest other "
+        "library / row, same shape, dtype and ep",
         **{f"shape {name}": _describe(workload) for name, workload in shapes.items()},
         "bf16": bf16,
         "environment": f"torch {env['torch']}, {env['threads']} threads at ep = 1 and 1 thread "

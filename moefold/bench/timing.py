@@ -59,6 +59,19 @@ def time_interleaved(
     return seconds
 
 
+def paired_ratio_quartiles(base_s: Sequence[float], row_s: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile of base / row over the steps timed in the same round.
+
+    The ratio of medians is the headline figure; this range says how much of it a noisy
+    neighbour could have made up: steps of one round ran within seconds of each other, so
+    their ratio cancels most of the slow drift that separates rounds."""
+    ratios = [base / row for base, row in zip(base_s, row_s, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return first, third
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -131,6 +144,8 @@ ROW_COLUMNS = (
 def _cell(value: Any, spec: str) -> str:
     if value is None:
         return "-"
+    if isinstance(value, (list, tuple)) and spec:  # a range, e.g. quartiles
+        return "-".join(format(item, spec) for item in value)
     if isinstance(value, float) and spec:
         return format(value, spec)
     return str(value)

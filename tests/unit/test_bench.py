@@ -13,7 +13,7 @@ TINY = [
 ]  # fmt: skip
 COLUMNS = [
     "name", "shape", "dtype", "ep", "tokens_per_s", "tflops", "pct_of_peak", "ratio_vs_dense",
-    "ratio_vs_best_peer", "step_ms",
+    "paired_q1-q3", "ratio_vs_best_peer", "step_ms",
 ]  # fmt: skip
 REQUIRED_ROWS = {  # HF blocks: their per-expert loop and grouped_mm (transformers' default)
     "dense", "moefold", "moefold-cf1", "hf-mixtral", "hf-qwen3-moe", "hf-mixtral-grouped_mm",
@@ -39,8 +39,11 @@ def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
     for row in rows:
         assert row[1] == "full" and row[3] == "1"
         assert float(row[4]) > 0  # tokens/s; the rounded TFLOP/s of a tiny workload may read 0
-        assert all(float(value) >= 0 for value in row[5:])
+        assert all(float(value) >= 0 for value in row[5:8] + row[9:])
+        first, third = (float(value) for value in row[8].split("-"))
+        assert 0 < first <= third
     assert {row[7] for row in rows if row[0] == "dense"} == {"1.000"}
+    assert {row[8] for row in rows if row[0] == "dense"} == {"1.00-1.00"}  # paired quartiles
     assert "# peak: fp32 " in out and "bf16 parameters and inputs" in out
 
 
@@ -51,7 +54,7 @@ def test_moe_layer_json_rows_are_complete(capsys):
     rows = document["rows"]
     assert {"dense", "moefold", "hf-mixtral", "hf-qwen3-moe"} <= {row["name"] for row in rows}
     for row in rows:
-        assert set(COLUMNS) <= set(row)
+        assert {*COLUMNS, "ratio_vs_dense_iqr"} - {"paired_q1-q3"} <= set(row)
         assert len(row["step_s_all"]) == 2
         assert row["tokens_per_s"] > 0 and row["tflops"] > 0
     dense = next(row for row in rows if row["name"] == "dense")
@@ -170,3 +173,13 @@ def test_time_interleaved_aligns_before_every_timed_step_outside_the_timer(monke
     seconds = timing.time_interleaved(steps, steps=2, warmup=1, align=align)
     assert seconds == {"a": [0.0, 0.0], "b": [0.0, 0.0]}
     assert calls == ["a", "b"] + ["align", "a", "align", "b"] * 2  # warm-ups are not aligned
+
+
+def test_paired_ratio_quartiles_pair_steps_of_the_same_round():
+    from moefold.bench.timing import paired_ratio_quartiles
+
+    # Both rows slowed down alike in round 3: the paired ratio stays 2.0 throughout.
+    assert paired_ratio_quartiles([2.0, 2.0, 8.0, 2.0], [1.0, 1.0, 4.0, 1.0]) == (2.0, 2.0)
+    first, third = paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5)
+    assert (first, third) == (2.0, 4.0)
+    assert paired_ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
