@@ -20,6 +20,12 @@ from typing import Any, Literal
 GROUPED_MM_ROW_MULTIPLE = 8
 
 
+def grouped_mm_rows_aligned(hidden: int, ffn_hidden: int) -> bool:
+    """Whether experts of this shape have the row strides torch's grouped_mm accepts (it
+    raises in forward otherwise)."""
+    return hidden % GROUPED_MM_ROW_MULTIPLE == 0 and ffn_hidden % GROUPED_MM_ROW_MULTIPLE == 0
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the field and the fix."""
 
@@ -505,11 +511,7 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         )
         local_ffn = moe.ffn_hidden // par.etp
         _require(
-            moe.grouped_gemm != "on"
-            or (
-                model.hidden % GROUPED_MM_ROW_MULTIPLE == 0
-                and local_ffn % GROUPED_MM_ROW_MULTIPLE == 0
-            ),
+            moe.grouped_gemm != "on" or grouped_mm_rows_aligned(model.hidden, local_ffn),
             "moe.grouped_gemm",
             f"'on' needs model.hidden={model.hidden} and moe.ffn_hidden/etp={local_ffn} to be "
             f"multiples of {GROUPED_MM_ROW_MULTIPLE} (grouped_mm's 16-byte rows); use 'auto' "

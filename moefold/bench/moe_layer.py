@@ -36,7 +36,7 @@ from torch import nn
 from moefold.bench import peers, timing
 from moefold.bench.timing import Column
 from moefold.bench.workload import INIT_STD, ExpertWeights, Workload, random_weights
-from moefold.config import GROUPED_MM_ROW_MULTIPLE, MoEConfig
+from moefold.config import GROUPED_MM_ROW_MULTIPLE, MoEConfig, grouped_mm_rows_aligned
 from moefold.model.gemm import cpu_bf16_gemm_is_slow, set_bf16_gemm
 from moefold.model.moe import MoELayer
 from moefold.model.transformer import DenseMLP
@@ -117,12 +117,6 @@ def build_moefold_native_bf16(workload: Workload, weights: ExpertWeights) -> nn.
     return layer
 
 
-def grouped_mm_accepts(workload: Workload) -> bool:
-    """torch's grouped_mm wants 16-byte row strides (8 bf16 elements), or it raises in forward."""
-    multiple = GROUPED_MM_ROW_MULTIPLE
-    return workload.hidden % multiple == 0 and workload.ffn_hidden % multiple == 0
-
-
 def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
     """The rows of one ep = 1 section, dense first (the ratio's denominator)."""
     workload = section.workload
@@ -141,9 +135,11 @@ def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
         make = lambda: build_moefold_native_bf16(workload, weights)  # noqa: E731
         rows.append(Candidate("moefold-native-bf16", make, moe_flops))
     hf_blocks = (("hf-mixtral", peers.build_hf_mixtral), ("hf-qwen3-moe", peers.build_hf_qwen3_moe))
+    aligned = grouped_mm_rows_aligned(workload.hidden, workload.ffn_hidden)
     for impl in args.hf_experts:
-        if impl == "grouped_mm" and not grouped_mm_accepts(workload):
-            timing.progress(f"skipped HF {impl}: hidden and ffn must be multiples of 8")
+        if impl == "grouped_mm" and not aligned:
+            multiple = GROUPED_MM_ROW_MULTIPLE
+            timing.progress(f"skipped HF {impl}: hidden and ffn must be multiples of {multiple}")
             continue
         suffix = "" if impl == "eager" else f"-{impl}"
         for name, build in hf_blocks:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moefold.config import GROUPED_MM_ROW_MULTIPLE
+from moefold.config import grouped_mm_rows_aligned
 from moefold.model.expert_loop import swiglu_expert_loop
 from moefold.model.gemm import GemmDtypes, upcasts_bf16
 
@@ -41,7 +41,7 @@ CPU_GROUPED_MM_MAX_WEIGHTS = 2**18
 def cpu_runs_grouped_mm(hidden: int, ffn_hidden: int) -> bool:
     """Whether `moe.grouped_gemm=auto` takes grouped_mm on CPU for experts of this shape
     (`ffn_hidden` local, after etp): small, and with the row strides grouped_mm accepts."""
-    aligned = hidden % GROUPED_MM_ROW_MULTIPLE == 0 and ffn_hidden % GROUPED_MM_ROW_MULTIPLE == 0
+    aligned = grouped_mm_rows_aligned(hidden, ffn_hidden)
     return aligned and hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS
 
 
