@@ -108,7 +108,7 @@ class MoEConfig:
     shared_ffn_hidden: int = 0  # SwiGLU hidden size of the shared expert (0 = none)
     shared_gate: bool = False  # sigmoid gate on the shared expert output (Qwen2-MoE)
     grouped_gemm: Literal["auto", "on", "off"] = (
-        "auto"  # grouped_mm experts (auto: CUDA, small CPU)
+        "auto"  # grouped_mm experts (auto: CUDA; CPU for small experts and native bf16 GEMMs)
     )
 
     def __post_init__(self) -> None:

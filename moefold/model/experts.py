@@ -8,8 +8,8 @@ Two compute paths with identical results:
   weight gradients written in place, only the pre-activations kept. (Indexing `w[i]` under
   autograd would zero-fill a full-size gradient per expert, about 1 s per step on the
   paper-size layer, shared/BASELINES.md; autograd over `unbind` views stacks a copy);
-- `torch.nn.functional.grouped_mm` (default on CUDA, and on CPU for small experts: see
-  `CPU_GROUPED_MM_MAX_WEIGHTS`).
+- `torch.nn.functional.grouped_mm` (default on CUDA, and on CPU for small experts and for
+  native bf16 products: see `cpu_runs_grouped_mm`).
 `loop_reference` is the plain reference that tests compare both against.
 The routing probability scales each row's [R, D] output right after the down projection (not
 the [R, F] activation before it): F/D times less elementwise work, and autograd keeps an
@@ -36,13 +36,19 @@ from moefold.model.gemm import GemmDtypes, upcasts_bf16
 # 0.77; 1024 x 512 0.99, 1024 x 1024 1.04, 1024 x 3584 0.97-1.07 (the paper-size layer, where
 # BASELINES.md also has the loop ahead). End to end, tiny-moe (128 x 256) trains 23% faster.
 CPU_GROUPED_MM_MAX_WEIGHTS = 2**18
+# Experts of any size take grouped_mm on CPU where their products run as native bf16 GEMMs
+# (oneDNN on a CPU with bf16 units; not where bf16 is upcast to fp32 GEMMs). Measured on an AMD
+# EPYC with avx512_bf16, loop time / grouped_mm time, paired steps (docs/decisions.md,
+# 2026-12-06): paper-size layer 1.016 and 1.036 at 2 threads, 1.026 at the 1-thread ep 2 shape;
+# cpu-moe-1024 bf16 training steps 1.044. In fp32 the loop stays (training 0.983).
 
 
-def cpu_runs_grouped_mm(hidden: int, ffn_hidden: int) -> bool:
+def cpu_runs_grouped_mm(hidden: int, ffn_hidden: int, native_bf16: bool = False) -> bool:
     """Whether `moe.grouped_gemm=auto` takes grouped_mm on CPU for experts of this shape
-    (`ffn_hidden` local, after etp): small, and with the row strides grouped_mm accepts."""
+    (`ffn_hidden` local, after etp) whose products are native bf16 GEMMs or not: small or
+    native bf16, and with the row strides grouped_mm accepts."""
     aligned = grouped_mm_rows_aligned(hidden, ffn_hidden)
-    return aligned and hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS
+    return aligned and (native_bf16 or hidden * ffn_hidden <= CPU_GROUPED_MM_MAX_WEIGHTS)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -72,12 +78,14 @@ class GroupedExperts(nn.Module):
         return _swiglu(gate, up)
 
     def use_grouped_mm(self, x_RD: torch.Tensor) -> bool:
-        """moe.grouped_gemm: "on", "off", or "auto" = on CUDA, and on CPU for small experts."""
+        """moe.grouped_gemm: "on", "off", or "auto" = on CUDA, and on CPU for small experts or
+        native bf16 products (`cpu_runs_grouped_mm`)."""
         if self.grouped_gemm != "auto":
             return self.grouped_gemm == "on"
         if x_RD.device.type == "cpu":
             _, hidden, ffn_hidden = self.gate_proj.shape
-            return cpu_runs_grouped_mm(hidden, ffn_hidden)
+            dtypes = GemmDtypes.for_input(x_RD, upcasts_bf16(x_RD.device, self.bf16_gemm))
+            return cpu_runs_grouped_mm(hidden, ffn_hidden, dtypes.matmul == torch.bfloat16)
         return x_RD.device.type == "cuda"
 
     def forward(

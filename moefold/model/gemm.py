@@ -99,6 +99,12 @@ def upcasts_bf16(device: torch.device, mode: str) -> bool:
 SMALL_CPU_MODEL_HIDDEN = 512
 
 
+def cpu_bf16_gemm_is_native(hidden: int) -> bool:
+    """Whether this CPU runs the bf16 products of a model of width `hidden` as native bf16
+    GEMMs under train.bf16_gemm=auto (the planner's view of `resolve_bf16_gemm`)."""
+    return resolve_bf16_gemm("auto", torch.device("cpu"), hidden) == "native"
+
+
 def resolve_bf16_gemm(mode: str, device: torch.device, hidden: int) -> str:
     """train.bf16_gemm as a model of width `hidden` runs it: "auto" becomes "fp32" on a CPU whose
     bf16 GEMMs are slow or for a CPU model narrower than SMALL_CPU_MODEL_HIDDEN, else "native"

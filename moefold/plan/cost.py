@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
 from moefold.model.experts import cpu_runs_grouped_mm
+from moefold.model.gemm import cpu_bf16_gemm_is_native
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
 from moefold.plan.memory import (
@@ -312,10 +313,13 @@ def _routed(x: _Layer) -> LayerCost:
     x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
     cost.sent["etp"] *= kept / rows
     ops = OPS_MOE + (OPS_DISPATCH if c.ep * c.etp > 1 else 0)
-    # moefold's CPU loop over experts runs in Python, except for small experts, which torch's
-    # grouped_mm loops over in C++ (the same per-expert GEMMs, without the per-expert ops).
-    if not x.device.grouped_gemm and not cpu_runs_grouped_mm(m.hidden, int(width)):
-        ops += OPS_PER_LOCAL_EXPERT * local_experts
+    # moefold's CPU loop over experts runs in Python, except for small experts and native bf16
+    # products, which torch's grouped_mm loops over in C++ (the same per-expert GEMMs, without
+    # the per-expert ops).
+    if not x.device.grouped_gemm:
+        native_bf16 = x.w.dtype == "bf16" and cpu_bf16_gemm_is_native(m.hidden)
+        if not cpu_runs_grouped_mm(m.hidden, int(width), native_bf16):
+            ops += OPS_PER_LOCAL_EXPERT * local_experts
     return x.finish(cost, ops)
 
 

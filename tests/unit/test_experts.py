@@ -55,6 +55,21 @@ def test_auto_picks_grouped_mm_for_small_cpu_experts_only():
     assert not GroupedExperts(2, 32, 2, grouped_gemm="auto").use_grouped_mm(x)
 
 
+def test_auto_picks_grouped_mm_for_native_bf16_products_of_any_size():
+    large = GroupedExperts(2, 1024, 1024, grouped_gemm="auto")
+    x_bf16 = torch.zeros(1, 1024, dtype=torch.bfloat16)
+    large.bf16_gemm = "native"
+    assert large.use_grouped_mm(x_bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert large.use_grouped_mm(torch.zeros(1, 1024))  # autocast's bf16 products
+    large.bf16_gemm = "fp32"  # bf16 products upcast to fp32 GEMMs: the loop, as for fp32
+    assert not large.use_grouped_mm(x_bf16)
+    assert not large.use_grouped_mm(torch.zeros(1, 1024))
+    unaligned = GroupedExperts(2, 1024, 1026, grouped_gemm="auto")
+    unaligned.bf16_gemm = "native"
+    assert not unaligned.use_grouped_mm(x_bf16)
+
+
 def test_grouped_mm_with_upcast_bf16_matches_the_upcast_loop():
     """bf16 under autocast with bf16 products run as fp32 GEMMs: both paths round the same
     operands, so they agree far closer than bf16 and fp32 do."""
