@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
+import multiprocessing
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,28 @@ def run_section(args: argparse.Namespace, section: Section) -> list[dict]:
     return section_rows(seconds, flops, section, ep=1)
 
 
+def run_section_in_fresh_process(args: argparse.Namespace, section: Section) -> list[dict]:
+    """`run_section` in a new (spawned) Python process, as each ep > 1 section runs in its own
+    ranks: no section inherits the heap an earlier one left. Measured in one process, the bf16
+    rows after the fp32 section ran slower and further apart (dense 709-720 ms against 648-709
+    alone, moefold 815-851 against 690-738, HF grouped_mm 814-837 against 712-767;
+    docs/decisions.md, 2026-12-06). Spawned, not forked: a fork after the parent's OpenMP
+    threads ran can hang the child's first parallel region (GNU libgomp)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_section_child, (args, section))
+
+
+def _section_child(args: argparse.Namespace, section: Section) -> list[dict]:
+    timing.apply_host_memory(args)  # the run's host-memory policy, in this process too
+    try:
+        # Third-party builders print progress to stdout; the parent prints the table there.
+        with contextlib.redirect_stdout(sys.stderr):
+            return run_section(args, section)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the DeepSpeed row's 1-rank group
+
+
 def section_rows(
     seconds: dict[str, list[float]], step_flops: dict[str, int], section: Section, ep: int
 ) -> list[dict]:
@@ -302,7 +325,7 @@ def header(
     peak_dtypes = {name: timing.peak_matmul_dtype(timing.DTYPES[name]) for name in peaks}
     info = {
         "benchmark": "moefold bench moe-layer: forward + backward of one layer; ep > 1 = ep gloo "
-        "ranks splitting the same tokens",
+        "ranks splitting the same tokens; every section (dtype, shape, ep) in fresh processes",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, rows "
         "interleaved step by step (slowest rank's median at ep > 1); ratio_vs_dense = dense "
         "step time / row step time; paired_q1-q3 = quartiles of the same ratio taken step by "
@@ -373,9 +396,7 @@ def run_all(args: argparse.Namespace, sections: list[Section]) -> list[dict]:
                 rows.extend(moe_layer_ep.run_section(args, section, ep))
         if 1 in args.ep:
             for section in sections:
-                rows.extend(run_section(args, section))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the DeepSpeed row's world-size-1 group
+                rows.extend(run_section_in_fresh_process(args, section))
     order = [(section.dtype_name, section.shape) for section in sections]
     return sorted(rows, key=lambda row: (order.index((row["dtype"], row["shape"])), row["ep"]))
 
