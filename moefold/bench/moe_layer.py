@@ -384,7 +384,8 @@ def plan_sections(args: argparse.Namespace, workload: Workload) -> list[Section]
 
 
 def run_all(args: argparse.Namespace, sections: list[Section]) -> list[dict]:
-    """Every section's rows, section by section, ep = 1 first."""
+    """Every section's rows, each section in its own processes; ep > 1 runs first, and the
+    rows come back ordered by section, ep = 1 first."""
     from moefold.bench import moe_layer_ep  # it imports this module
 
     rows = []

@@ -84,9 +84,13 @@ class GroupedExperts(nn.Module):
             return self.grouped_gemm == "on"
         if x_RD.device.type == "cpu":
             _, hidden, ffn_hidden = self.gate_proj.shape
-            dtypes = GemmDtypes.for_input(x_RD, upcasts_bf16(x_RD.device, self.bf16_gemm))
-            return cpu_runs_grouped_mm(hidden, ffn_hidden, dtypes.matmul == torch.bfloat16)
+            native_bf16 = self.gemm_dtypes(x_RD).matmul == torch.bfloat16
+            return cpu_runs_grouped_mm(hidden, ffn_hidden, native_bf16)
         return x_RD.device.type == "cuda"
+
+    def gemm_dtypes(self, x_RD: torch.Tensor) -> GemmDtypes:
+        """The dtypes of this layer's products on `x_RD`: bf16 upcast per train.bf16_gemm."""
+        return GemmDtypes.for_input(x_RD, upcasts_bf16(x_RD.device, self.bf16_gemm))
 
     def forward(
         self, x_RD: torch.Tensor, probs_R: torch.Tensor, tokens_per_expert_e: torch.Tensor
@@ -104,7 +108,7 @@ class GroupedExperts(nn.Module):
     def _forward_grouped_mm(self, x_RD, probs_R, tokens_per_expert_e):
         offsets = torch.cumsum(tokens_per_expert_e, 0).to(torch.int32)
         # bf16 products run as fp32 GEMMs of bf16-rounded operands where upcasting (gemm.py).
-        dtypes = GemmDtypes.for_input(x_RD, upcasts_bf16(x_RD.device, self.bf16_gemm))
+        dtypes = self.gemm_dtypes(x_RD)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
             x = dtypes.operand(x_RD)
             gate = F.grouped_mm(x, dtypes.operand(self.gate_proj), offs=offsets)
