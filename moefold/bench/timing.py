@@ -31,6 +31,7 @@ def time_interleaved(
     steps: int,
     warmup: int,
     align: Callable[[], None] | None = None,
+    budget_s: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per step of every callable, timed round-robin.
 
@@ -42,20 +43,43 @@ def time_interleaved(
     communicates would be charged for the skew an earlier row left between the ranks (its
     first collective waits for the slowest rank to finish that row); measured on 4 ranks: the
     dense row leaves up to 0.5 s of skew, a fifth of a step.
+
+    `budget_s` > 0 caps the timed seconds of each callable: one whose timed steps add up to
+    the budget leaves the rotation (after at least one timed step), so its list is shorter;
+    round i of every list still holds the steps that ran side by side. For a baseline that
+    runs tens of times slower than the rest (a bf16 kernel a CPU lacks the instructions for),
+    which would otherwise take most of an hour. No budget on ranks: every rank must run the
+    same steps, and their clocks differ.
     """
+    if budget_s > 0 and align is not None:
+        raise ValueError("budget_s: a time budget would let ranks run different steps")
     for name, step in steps_by_name.items():
         progress(f"warm-up {name} ({warmup} steps)")
+        tic = time.perf_counter()
         for _ in range(warmup):
             step()
+        if warmup:
+            per_step = (time.perf_counter() - tic) / warmup
+            progress(f"warm-up {name}: {per_step:.3g} s a step")
     seconds: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for index in range(steps):
+        running = {
+            name: step
+            for name, step in steps_by_name.items()
+            if budget_s <= 0 or not seconds[name] or sum(seconds[name]) < budget_s
+        }
+        if not running:
+            break
         progress(f"timed step {index + 1}/{steps}")
-        for name, step in steps_by_name.items():
+        for name, step in running.items():
             if align is not None:
                 align()
             tic = time.perf_counter()
             step()
             seconds[name].append(time.perf_counter() - tic)
+    for name, timed in seconds.items():
+        if len(timed) < steps:
+            progress(f"{name}: {len(timed)} of {steps} steps timed (budget {budget_s:g} s)")
     return seconds
 
 
@@ -65,7 +89,8 @@ def paired_ratio_quartiles(base_s: Sequence[float], row_s: Sequence[float]) -> t
     The ratio of medians is the headline figure; this range says how much of it a noisy
     neighbour could have made up: steps of one round ran within seconds of each other, so
     their ratio cancels most of the slow drift that separates rounds."""
-    ratios = [base / row for base, row in zip(base_s, row_s, strict=True)]
+    rounds = min(len(base_s), len(row_s))  # a time budget may have cut one list short
+    ratios = [base / row for base, row in zip(base_s[:rounds], row_s[:rounds], strict=True)]
     if len(ratios) < 2:
         return ratios[0], ratios[0]
     first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")

@@ -2,7 +2,7 @@
 `MixtralForCausalLM` of the same shape, same weights, same data, optimizer and dtype, one run.
 
     python -m moefold.bench.train [--presets tiny-moe cpu-moe-1024] [--dtype fp32 bf16]
-        [--steps 5 --warmup 2] [--hf-experts eager grouped_mm] [--threads N]
+        [--steps 5 --warmup 2] [--hf-experts eager grouped_mm] [--threads N] [--row-budget-s S]
         [--set SECTION.FIELD=VALUE ...] [--json]
 
 For every preset and dtype both models start from moefold's initial weights (exported with
@@ -58,6 +58,7 @@ COLUMNS = (
     Column("ratio_vs_hf", "ratio_vs_hf", ".2f"),
     Column("ratio_vs_hf_iqr", "paired_q1-q3", ".2f"),
     Column("step_ms", "step_ms", ".0f"),
+    Column("steps", "steps"),
     Column("final_loss", "loss_after_N", ".5f"),
     Column("max_loss_diff", "max_abs_loss_diff", ".2e"),
 )
@@ -76,6 +77,13 @@ def bench_job(preset: str, dtype_name: str, overrides: list[str], num_steps: int
         preset,
         [*SAME_OBJECTIVE, *overrides, f"train.dtype={dtype_name}", f"train.steps={num_steps}"],
     )
+
+
+def max_loss_diff(losses: list[float], other: list[float]) -> float:
+    """Largest |difference| over the steps both models took (a row cut short by
+    --row-budget-s took fewer)."""
+    both = min(len(losses), len(other))
+    return max(abs(a - b) for a, b in zip(losses[:both], other[:both], strict=True))
 
 
 def moefold_step(trainer: Trainer, log: StepLog) -> Callable[[], None]:
@@ -188,14 +196,12 @@ def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float
         for name, model in hf_models.items():
             steps[name] = HFTrainStep(model, job, trainer.loader.dataset, logs[name])
         timing.progress(f"{preset} {dtype_name}: {num_steps} steps per model")
-        seconds = timing.time_interleaved(steps, args.steps, args.warmup)
+        seconds = timing.time_interleaved(
+            steps, args.steps, args.warmup, budget_s=args.row_budget_s
+        )
     tokens_per_step = job.train.global_batch * job.train.seq_len
     step_flops = flops_per_token(job.model, job.moe, job.train.seq_len) * tokens_per_step
-    max_diff = max(
-        abs(a - b)
-        for name in hf_models
-        for a, b in zip(logs["moefold"].losses, logs[name].losses, strict=True)
-    )
+    max_diff = max(max_loss_diff(logs["moefold"].losses, logs[name].losses) for name in hf_models)
     fastest_hf = min(hf_models, key=lambda name: timing.median(seconds[name]))
     hf_s = timing.median(seconds[fastest_hf])
     rows = []
@@ -213,6 +219,7 @@ def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float
                 "ratio_vs_hf": hf_s / step_s,
                 "ratio_vs_hf_iqr": timing.paired_ratio_quartiles(seconds[fastest_hf], step_s_all),
                 "step_ms": 1e3 * step_s,
+                "steps": len(logs[name].losses),
                 "final_loss": logs[name].losses[-1],
                 "max_loss_diff": max_diff,
                 "losses": logs[name].losses,
@@ -234,10 +241,16 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
         "MixtralForCausalLM (same weights, data, AdamW, lr schedule, clipping, dtype), ep=1",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, the "
         "models interleaved step by step; ratio_vs_hf = the fastest HF row's step time / row "
-        "step time; paired_q1-q3 = quartiles of that ratio taken step by step",
-        "losses": f"loss_after_N = loss of step {args.warmup + args.steps}; max_abs_loss_diff "
-        "= moefold vs every HF row over all steps; router aux and z losses off on both sides "
-        "(no HF coefficient matches)",
+        "step time; paired_q1-q3 = quartiles of that ratio taken step by step"
+        + (
+            f"; a row stops being timed once its timed steps add up to {args.row_budget_s:g} s"
+            if args.row_budget_s > 0
+            else ""
+        ),
+        "losses": "loss_after_N = loss of the row's last step (steps = warm-ups + timed steps, "
+        f"{args.warmup + args.steps} unless --row-budget-s cut the row short); "
+        "max_abs_loss_diff = moefold vs every HF row over the steps both took; router aux and "
+        "z losses off on both sides (no HF coefficient matches)",
         "hf": f"experts_implementation {' and '.join(args.hf_experts)} (one row each; "
         f"transformers {transformers.__version__} defaults to "
         f"{transformers_default_experts()}), attn_implementation=sdpa, "
@@ -278,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads for both models (0 = as is)"
     )
+    parser.add_argument(
+        "--row-budget-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop timing a row once its timed steps add up to this (at least one is timed; "
+        "0 = time every step). For HF's bf16 rows on a CPU without bf16 instructions, which "
+        "run 7-22x slower than moefold and stretch a run to an hour",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     timing.add_host_memory_flag(parser)
@@ -289,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
         parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
+    if args.row_budget_s < 0:
+        parser.error("--row-budget-s must be >= 0 (0 = no budget)")
     args.hf_experts = list(dict.fromkeys(args.hf_experts))
     args.host_memory = timing.apply_host_memory(args)
     threads_before = torch.get_num_threads()

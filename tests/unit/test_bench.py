@@ -175,6 +175,33 @@ def test_time_interleaved_aligns_before_every_timed_step_outside_the_timer(monke
     assert calls == ["a", "b"] + ["align", "a", "align", "b"] * 2  # warm-ups are not aligned
 
 
+def test_time_interleaved_budget_drops_a_slow_row_after_its_budget(monkeypatch):
+    """With budget_s, a row leaves the rotation once its timed seconds reach the budget (the
+    step that crosses it counts); the others keep every step, and a row is always timed once."""
+    from moefold.bench import timing
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    cost = {"fast": 1.0, "slow": 4.0, "glacial": 50.0}
+
+    def make(name):
+        def step():
+            calls.append(name)
+            clock[0] += cost[name]
+
+        return step
+
+    steps = {name: make(name) for name in cost}
+    seconds = timing.time_interleaved(steps, steps=4, warmup=1, budget_s=6.0)
+    assert seconds == {"fast": [1.0] * 4, "slow": [4.0, 4.0], "glacial": [50.0]}
+    timed = calls[3:]  # after one warm-up each
+    assert timed == ["fast", "slow", "glacial", "fast", "slow", "fast", "fast"]
+    # Rounds stay paired: the quartiles use the rounds both rows ran.
+    assert timing.paired_ratio_quartiles(seconds["slow"], seconds["fast"]) == (4.0, 4.0)
+    with pytest.raises(ValueError, match="budget_s"):
+        timing.time_interleaved(steps, steps=1, warmup=0, align=lambda: None, budget_s=1.0)
+
+
 def test_paired_ratio_quartiles_pair_steps_of_the_same_round():
     from moefold.bench.timing import paired_ratio_quartiles
 

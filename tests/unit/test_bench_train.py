@@ -60,3 +60,21 @@ def test_bench_train_times_only_the_named_hf_implementation(capsys):
     assert train.main(argv) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [row["name"] for row in rows] == ["moefold", "hf-mixtral"]
+
+
+def test_bench_train_row_budget_cuts_rows_short_and_compares_common_steps(capsys):
+    """--row-budget-s: a budget below one step leaves every row one timed step (after the
+    warm-up), and losses are compared over the steps taken."""
+    argv = [*TINY, "--steps", "3", "--warmup", "1", "--row-budget-s", "1e-9", "--json"]
+    assert train.main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = document["rows"]
+    for row in rows:
+        assert row["steps"] == 2 and len(row["losses"]) == 2 and len(row["step_s_all"]) == 1
+    assert rows[0]["max_loss_diff"] < 1e-5
+    assert "1e-09 s" in document["timing"]
+
+
+def test_bench_train_rejects_a_negative_row_budget():
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--row-budget-s", "-1"])
