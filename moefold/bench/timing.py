@@ -66,7 +66,7 @@ def time_interleaved(
         running = {
             name: step
             for name, step in steps_by_name.items()
-            if budget_s <= 0 or not seconds[name] or sum(seconds[name]) < budget_s
+            if budget_s <= 0 or sum(seconds[name]) < budget_s  # an untimed row sums to 0
         }
         if not running:
             break
@@ -83,14 +83,20 @@ def time_interleaved(
     return seconds
 
 
+def same_round_pairs(first: Sequence[float], second: Sequence[float]) -> list[tuple[float, float]]:
+    """(first[i], second[i]) for the rounds both lists reached: a time budget
+    (`time_interleaved`) may have cut one short, and round i of each ran side by side."""
+    rounds = min(len(first), len(second))
+    return list(zip(first[:rounds], second[:rounds], strict=True))
+
+
 def paired_ratio_quartiles(base_s: Sequence[float], row_s: Sequence[float]) -> tuple[float, float]:
     """First and third quartile of base / row over the steps timed in the same round.
 
     The ratio of medians is the headline figure; this range says how much of it a noisy
     neighbour could have made up: steps of one round ran within seconds of each other, so
     their ratio cancels most of the slow drift that separates rounds."""
-    rounds = min(len(base_s), len(row_s))  # a time budget may have cut one list short
-    ratios = [base / row for base, row in zip(base_s[:rounds], row_s[:rounds], strict=True)]
+    ratios = [base / row for base, row in same_round_pairs(base_s, row_s)]
     if len(ratios) < 2:
         return ratios[0], ratios[0]
     first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")

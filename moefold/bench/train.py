@@ -79,13 +79,6 @@ def bench_job(preset: str, dtype_name: str, overrides: list[str], num_steps: int
     )
 
 
-def max_loss_diff(losses: list[float], other: list[float]) -> float:
-    """Largest |difference| over the steps both models took (a row cut short by
-    --row-budget-s took fewer)."""
-    both = min(len(losses), len(other))
-    return max(abs(a - b) for a, b in zip(losses[:both], other[:both], strict=True))
-
-
 def moefold_step(trainer: Trainer, log: StepLog) -> Callable[[], None]:
     def step() -> None:
         log.losses.append(trainer.train_step()["loss"])
@@ -201,7 +194,12 @@ def run_case(args: argparse.Namespace, preset: str, dtype_name: str, peak: float
         )
     tokens_per_step = job.train.global_batch * job.train.seq_len
     step_flops = flops_per_token(job.model, job.moe, job.train.seq_len) * tokens_per_step
-    max_diff = max(max_loss_diff(logs["moefold"].losses, logs[name].losses) for name in hf_models)
+    # Over the steps both models took (a row cut short by --row-budget-s took fewer).
+    max_diff = max(
+        abs(a - b)
+        for name in hf_models
+        for a, b in timing.same_round_pairs(logs["moefold"].losses, logs[name].losses)
+    )
     fastest_hf = min(hf_models, key=lambda name: timing.median(seconds[name]))
     hf_s = timing.median(seconds[fastest_hf])
     rows = []

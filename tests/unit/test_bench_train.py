@@ -75,6 +75,7 @@ def test_bench_train_row_budget_cuts_rows_short_and_compares_common_steps(capsys
     assert "1e-09 s" in document["timing"]
 
 
-def test_bench_train_rejects_a_negative_row_budget():
+def test_bench_train_rejects_a_negative_row_budget(capsys):
     with pytest.raises(SystemExit):
         train.main([*TINY, "--row-budget-s", "-1"])
+    assert "--row-budget-s must be >= 0" in capsys.readouterr().err
