@@ -122,6 +122,18 @@ def measure_peak(dtype: torch.dtype, matmul_size: int, budget_s: float = 1.0) ->
     return measure_matmul_flops(matmul_dtype, matmul_size=matmul_size, budget_s=budget_s)
 
 
+def pool_peaks(peaks: dict[str, float]) -> dict[str, float]:
+    """Each dtype's peak (keyed by DTYPES name) raised to the best reading of the kernel its
+    products run on (`peak_matmul_dtype`). On a CPU without bf16 units the fp32 and bf16
+    readings time the same fp32 GEMM; one reading that a busy second left low (measured: fp32
+    131 against bf16 182 GFLOP/s in one run) would otherwise inflate that dtype's MFU."""
+    kernel = {name: peak_matmul_dtype(DTYPES[name]) for name in peaks}
+    best: dict[torch.dtype, float] = {}
+    for name, flops in peaks.items():
+        best[kernel[name]] = max(flops, best.get(kernel[name], 0.0))
+    return {name: best[kernel[name]] for name in peaks}
+
+
 def environment() -> dict[str, Any]:
     """What the numbers depend on: torch build, thread count, CPU model, Python."""
     return {

@@ -210,3 +210,15 @@ def test_paired_ratio_quartiles_pair_steps_of_the_same_round():
     first, third = paired_ratio_quartiles([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5)
     assert (first, third) == (2.0, 4.0)
     assert paired_ratio_quartiles([3.0], [2.0]) == (1.5, 1.5)
+
+
+@pytest.mark.parametrize("bf16_is_upcast", [True, False])
+def test_pool_peaks_shares_the_best_reading_of_one_gemm_kernel(monkeypatch, bf16_is_upcast):
+    from moefold.bench import timing
+
+    monkeypatch.setattr(timing, "cpu_bf16_gemm_is_slow", lambda: bf16_is_upcast)
+    readings = {"fp32": 131e9, "bf16": 182e9}
+    pooled = timing.pool_peaks(readings)
+    # Upcast: both dtypes time the fp32 GEMM, so the low fp32 reading takes the bf16 one.
+    assert pooled == ({"fp32": 182e9, "bf16": 182e9} if bf16_is_upcast else readings)
+    assert timing.pool_peaks({"fp32": 5.0}) == {"fp32": 5.0}
