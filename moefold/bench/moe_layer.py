@@ -4,7 +4,8 @@ one run.
 
     python -m moefold.bench.moe_layer [--tokens 4096 --hidden 1024 --ffn 3584 --experts 8
         --topk 2] [--dtype fp32 bf16] [--ep 1 2 4] [--steps 7 --warmup 2]
-        [--capacity-factor none 1.0] [--bf16-workload auto|full|small|both] [--json]
+        [--capacity-factor none 1.0] [--bf16-workload auto|full|small|both]
+        [--row-budget-s S] [--json]
 
 Every row gets the same input and the same pre-made contiguous output gradient (so no backward
 sees a zero-stride gradient), and every MoE row gets the same router and expert weights, so all
@@ -52,6 +53,7 @@ COLUMNS = (
     Column("ratio_vs_dense_iqr", "paired_q1-q3", ".2f"),
     Column("ratio_vs_best_peer", "ratio_vs_best_peer", ".3f"),
     Column("step_ms", "step_ms", ".1f"),
+    Column("timed", "timed"),
 )
 
 
@@ -222,7 +224,7 @@ def run_section(args: argparse.Namespace, section: Section) -> list[dict]:
         for name, (module, _) in modules.items()
     }
     timing.progress(f"{section.dtype_name} {section.shape} ep1: {', '.join(steps)}")
-    seconds = timing.time_interleaved(steps, args.steps, args.warmup)
+    seconds = timing.time_interleaved(steps, args.steps, args.warmup, budget_s=args.row_budget_s)
     flops = {name: step_flops for name, (_, step_flops) in modules.items()}
     del modules, steps
     gc.collect()
@@ -273,6 +275,7 @@ def section_rows(
                 ),
                 "ratio_vs_best_peer": min(peer_s) / step_s if peer_s else None,
                 "step_ms": 1e3 * step_s,
+                "timed": len(seconds[name]),
                 "step_s_all": seconds[name],
                 "step_flops": step_flops[name],
             }
@@ -327,7 +330,14 @@ def header(
         "benchmark": "moefold bench moe-layer: forward + backward of one layer; ep > 1 = ep gloo "
         "ranks splitting the same tokens; every section (dtype, shape, ep) in fresh processes",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, rows "
-        "interleaved step by step (slowest rank's median at ep > 1); ratio_vs_dense = dense "
+        "interleaved step by step (slowest rank's median at ep > 1)"
+        + (
+            "; at ep = 1 a row stops being timed once its timed steps add up to "
+            f"{args.row_budget_s:g} s (timed column)"
+            if args.row_budget_s > 0
+            else ""
+        )
+        + "; ratio_vs_dense = dense "
         "step time / row step time; paired_q1-q3 = quartiles of the same ratio taken step by "
         "step within a round (how far the noise reaches); ratio_vs_best_peer = fastest other "
         "library / row, same shape, dtype and ep",
@@ -461,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 shape(s), see plan_sections: full, small (tokens/4, hidden/2, ffn/2) or both "
         "(full without the other libraries); auto = both on a CPU without bf16 instructions",
     )
+    timing.add_row_budget_flag(
+        parser,
+        "ep = 1 sections only (ranks all run every step). For the other libraries' bf16 rows "
+        "on a CPU without bf16 instructions, 13-15 s a step at the small shape",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -476,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    timing.check_row_budget(parser, args)
     if args.tokens % args.batch:
         parser.error(f"--tokens {args.tokens} is not divisible by --batch {args.batch}")
     if args.topk > args.experts:

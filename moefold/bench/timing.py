@@ -153,6 +153,23 @@ def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_row_budget_flag(parser: argparse.ArgumentParser, why: str) -> None:
+    """`--row-budget-s`: `time_interleaved`'s budget_s; `why` ends the help text."""
+    parser.add_argument(
+        "--row-budget-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop timing a row once its timed steps add up to this (at least one is timed; "
+        f"0 = time every step). {why}",
+    )
+
+
+def check_row_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.row_budget_s < 0:
+        parser.error("--row-budget-s must be >= 0 (0 = no budget)")
+
+
 def apply_host_memory(args: argparse.Namespace) -> str:
     """Apply the run's host-memory policy to this process (and ranks forked from it), before
     any row is built; returns the header's description of it. Every row runs under it."""

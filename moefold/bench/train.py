@@ -289,14 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads for both models (0 = as is)"
     )
-    parser.add_argument(
-        "--row-budget-s",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="stop timing a row once its timed steps add up to this (at least one is timed; "
-        "0 = time every step). For HF's bf16 rows on a CPU without bf16 instructions, which "
-        "run 7-22x slower than moefold and stretch a run to an hour",
+    timing.add_row_budget_flag(
+        parser,
+        "For HF's bf16 rows on a CPU without bf16 instructions, which run 7-22x slower than "
+        "moefold and stretch a run to an hour",
     )
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the peak matmul")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -309,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.peak_size < 1 or args.threads < 0:
         parser.error("--steps and --peak-size must be >= 1, --warmup and --threads >= 0")
-    if args.row_budget_s < 0:
-        parser.error("--row-budget-s must be >= 0 (0 = no budget)")
+    timing.check_row_budget(parser, args)
     args.hf_experts = list(dict.fromkeys(args.hf_experts))
     args.host_memory = timing.apply_host_memory(args)
     threads_before = torch.get_num_threads()

@@ -13,7 +13,7 @@ TINY = [
 ]  # fmt: skip
 COLUMNS = [
     "name", "shape", "dtype", "ep", "tokens_per_s", "tflops", "pct_of_peak", "ratio_vs_dense",
-    "paired_q1-q3", "ratio_vs_best_peer", "step_ms",
+    "paired_q1-q3", "ratio_vs_best_peer", "step_ms", "timed",
 ]  # fmt: skip
 REQUIRED_ROWS = {  # HF blocks: their per-expert loop and grouped_mm (transformers' default)
     "dense", "moefold", "moefold-cf1", "hf-mixtral", "hf-qwen3-moe", "hf-mixtral-grouped_mm",
@@ -130,6 +130,20 @@ def test_paper_workload_flops_match_the_baselines_figure():
     assert workload.moe_step_flops() - workload.dense_step_flops() == router
 
 
+def test_row_budget_cuts_ep1_rows_short_and_leaves_ranks_every_step(capsys):
+    """--row-budget-s below one step: every ep = 1 row gets one timed step, while the ep = 2
+    ranks still run all three (they must run the same steps)."""
+    argv = [*TINY[:-2], "--ep", "1", "2", "--dtype", "fp32", "--capacity-factor", "none"]
+    argv += ["--hf-experts", "eager", "--steps", "3", "--row-budget-s", "1e-9", "--json"]
+    assert moe_layer.main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    timed = {(row["name"], row["ep"]): row["timed"] for row in document["rows"]}
+    assert {count for (_, ep), count in timed.items() if ep == 1} == {1}
+    assert {count for (_, ep), count in timed.items() if ep == 2} == {3}
+    assert all(len(row["step_s_all"]) == row["timed"] for row in document["rows"])
+    assert "add up to 1e-09 s" in document["timing"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -137,8 +151,15 @@ def test_paper_workload_flops_match_the_baselines_figure():
         ["--topk", "9"],
         ["--capacity-factor", "0"],
         ["--ep", "3"],
+        ["--row-budget-s", "-1"],
     ],
-    ids=["tokens-not-divisible", "topk-above-experts", "capacity-factor-zero", "ep-not-dividing"],
+    ids=[
+        "tokens-not-divisible",
+        "topk-above-experts",
+        "capacity-factor-zero",
+        "ep-not-dividing",
+        "negative-row-budget",
+    ],
 )
 def test_bad_arguments_exit_with_usage_error(argv):
     with pytest.raises(SystemExit) as error:
