@@ -283,11 +283,6 @@ def section_rows(
     return rows
 
 
-def add_pct_of_peak(rows: list[dict], peaks: dict[str, float]) -> None:
-    for row in rows:
-        row["pct_of_peak"] = 100.0 * row["tflops"] * 1e12 / peaks[row["dtype"]]
-
-
 ROW_NOTES = {
     "moefold": "MoELayer in training mode: aux loss (coeff 0.01) on, shared expert off; ep > 1: "
     "all-to-all dispatcher",
@@ -331,12 +326,7 @@ def header(
         "ranks splitting the same tokens; every section (dtype, shape, ep) in fresh processes",
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, rows "
         "interleaved step by step (slowest rank's median at ep > 1)"
-        + (
-            "; at ep = 1 a row stops being timed once its timed steps add up to "
-            f"{args.row_budget_s:g} s (timed column)"
-            if args.row_budget_s > 0
-            else ""
-        )
+        + timing.row_budget_note(args.row_budget_s, "at ep = 1 ", " (timed column)")
         + "; ratio_vs_dense = dense "
         "step time / row step time; paired_q1-q3 = quartiles of the same ratio taken step by "
         "step within a round (how far the noise reaches); ratio_vs_best_peer = fastest other "
@@ -517,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, peak in peaks.items():
         peaks[name] = max(peak, timing.measure_peak(timing.DTYPES[name], args.peak_size))
     peaks = timing.pool_peaks(peaks)
-    add_pct_of_peak(rows, peaks)
+    timing.add_share_of_peak(rows, peaks, "pct_of_peak")
     info = header(args, sections, peaks, {row["name"] for row in rows})
     timing.print_report(info, rows, COLUMNS, args.json, peak_flops=peaks)
     return 0

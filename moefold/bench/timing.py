@@ -134,6 +134,12 @@ def pool_peaks(peaks: dict[str, float]) -> dict[str, float]:
     return {name: best[kernel[name]] for name in peaks}
 
 
+def add_share_of_peak(rows: list[dict], peaks: dict[str, float], key: str) -> None:
+    """rows[i][key] = percent of its dtype's peak that the row's tflops reach (MFU)."""
+    for row in rows:
+        row[key] = 100.0 * row["tflops"] * 1e12 / peaks[row["dtype"]]
+
+
 def environment() -> dict[str, Any]:
     """What the numbers depend on: torch build, thread count, CPU model, Python."""
     return {
@@ -163,6 +169,13 @@ def add_row_budget_flag(parser: argparse.ArgumentParser, why: str) -> None:
         help="stop timing a row once its timed steps add up to this (at least one is timed; "
         f"0 = time every step). {why}",
     )
+
+
+def row_budget_note(budget_s: float, scope: str = "", detail: str = "") -> str:
+    """The header's sentence on `--row-budget-s` ("" when there is no budget)."""
+    if budget_s <= 0:
+        return ""
+    return f"; {scope}a row stops being timed once its timed steps add up to {budget_s:g} s{detail}"
 
 
 def check_row_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -239,11 +239,7 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
         "timing": f"median of {args.steps} timed steps after {args.warmup} warm-ups, the "
         "models interleaved step by step; ratio_vs_hf = the fastest HF row's step time / row "
         "step time; paired_q1-q3 = quartiles of that ratio taken step by step"
-        + (
-            f"; a row stops being timed once its timed steps add up to {args.row_budget_s:g} s"
-            if args.row_budget_s > 0
-            else ""
-        ),
+        + timing.row_budget_note(args.row_budget_s),
         "losses": "loss_after_N = loss of the row's last step (steps = warm-ups + timed steps, "
         f"{args.warmup + args.steps} unless --row-budget-s cut the row short); "
         "max_abs_loss_diff = moefold vs every HF row over the steps both took; router aux and "
@@ -324,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dist.destroy_process_group()
     peaks = timing.pool_peaks(peaks)
-    for row in rows:
-        row["mfu_pct"] = 100.0 * row["tflops"] * 1e12 / peaks[row["dtype"]]
+    timing.add_share_of_peak(rows, peaks, "mfu_pct")
     info = header(args, peaks)
     torch.set_num_threads(threads_before)
     timing.print_report(info, rows, COLUMNS, args.json, peak_flops=peaks)
