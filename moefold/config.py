@@ -100,6 +100,8 @@ class MoEConfig:
     z_loss_coeff: float = 0.0  # weight of the router z-loss (0 = off)
     expert_bias: bool = False  # aux-loss-free balancing: learnable-free bias on selection
     expert_bias_rate: float = 1e-3  # step size of the expert-bias update per optimizer step
+    router_dtype: Literal["fp32", "fp64"] = "fp32"  # dtype of the router GEMM, scores and losses
+    input_jitter: float = 0.0  # training: router inputs times U(1-eps, 1+eps) per rank (0 = off)
     capacity_factor: float | None = None  # tokens per expert = ceil(T*K/E*cf); None = dropless
     pad_to_capacity: bool = False  # pad every expert to capacity (static shapes)
     drop_policy: Literal["probs", "position"] = "probs"  # which tokens an over-full expert keeps
@@ -154,6 +156,9 @@ class MoEConfig:
         _require(self.aux_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
         _require(self.z_loss_coeff >= 0, "moe.z_loss_coeff", "must be >= 0")
         _require(self.expert_bias_rate >= 0, "moe.expert_bias_rate", "must be >= 0")
+        _require(
+            0 <= self.input_jitter < 1, "moe.input_jitter", "must be in [0, 1) (0 = off)"
+        )
         if self.capacity_factor is not None:
             _require(
                 self.capacity_factor > 0,
@@ -198,12 +203,21 @@ class ParallelConfig:
     vpp: int = 1  # virtual pipeline stages per rank (interleaved schedule when > 1)
     ep: int = 1  # expert parallel size
     etp: int = 1  # expert tensor parallel size
-    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"  # pipeline schedule
+    pp_schedule: Literal["auto", "1f1b", "interleaved_1f1b", "gpipe"] = (
+        "auto"  # pipeline schedule; auto = interleaved_1f1b when vpp > 1, else 1f1b
+    )
     pp_first_stage_layers: int = 0  # layers of the first stage (it also embeds); 0 = even split
     pp_last_stage_layers: int = 0  # layers of the last stage (it also runs the head); 0 = even
     distributed_optimizer: bool = False  # shard optimizer state over dp (dense) / edp (experts)
     overlap_grad_reduce: bool = False  # reduce gradient buckets during the last backward (async)
     grad_bucket_mb: float = 4.0  # gradient bucket size in MiB with overlap_grad_reduce
+    timeout_s: float = 300.0  # collective timeout: a rank waiting longer on a peer fails the run
+    heartbeat_s: float = 60.0  # report a rank silent for this long, by rank and step (0 = off)
+    grad_compression: Literal["none", "bytegrad"] = (
+        "none"  # data-parallel gradient reduction: full precision, or 8-bit min/max (ByteGrad)
+    )
+    grad_compression_hierarchical: bool = False  # bytegrad: full-precision reduce in a node first
+    grad_compression_node_size: int = 0  # ranks per node (consecutive ranks) for hierarchical
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pp", "vpp", "ep", "etp"):
@@ -211,6 +225,23 @@ class ParallelConfig:
         for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
             _require(getattr(self, name) >= 0, f"parallel.{name}", "must be >= 0 (0 = even)")
         _require(self.grad_bucket_mb > 0, "parallel.grad_bucket_mb", "must be > 0")
+        _require(0 < self.timeout_s < 1e7, "parallel.timeout_s", "must be in (0, 1e7) seconds")
+        _require(self.heartbeat_s >= 0, "parallel.heartbeat_s", "must be >= 0 (0 = off)")
+        if self.pp_schedule == "auto":  # resolved here, so every reader sees a concrete schedule
+            schedule = "interleaved_1f1b" if self.vpp > 1 else "1f1b"
+            object.__setattr__(self, "pp_schedule", schedule)
+        _require(
+            self.grad_compression_node_size >= 0,
+            "parallel.grad_compression_node_size",
+            "must be >= 0 (ranks per node)",
+        )
+        _require(
+            not self.grad_compression_hierarchical
+            or (self.grad_compression == "bytegrad" and self.grad_compression_node_size >= 1),
+            "parallel.grad_compression_hierarchical",
+            "needs parallel.grad_compression='bytegrad' and parallel.grad_compression_node_size "
+            "set to the ranks per node (e.g. torchrun's --nproc-per-node)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,19 +267,21 @@ class TrainConfig:
     )
     keep_host_memory: bool = True  # glibc keeps freed memory (no page faults per step)
     eval_every: int = 0  # validation every n steps (0 = only at the end)
-    eval_batches: int = 4  # validation micro-batches per evaluation
+    eval_batches: int = 0  # validation micro-batches per evaluation; 0 = 4 rounded up to dp
     log_every: int = 1  # console progress every n steps
+    wandb_project: str = ""  # log to Weights & Biases under this project (needs wandb); "" = off
     nonfinite: Literal["skip", "stop"] = (
-        "skip"  # NaN/Inf loss or grad: skip the step, or save and stop
+        "skip"  # NaN/Inf loss or grad: skip the step, or stop (exit 3, nothing saved)
     )
-    max_skipped_steps: int = 10  # with nonfinite='skip': stop after this many skipped steps
+    max_skipped_steps: int = 10  # with 'skip': stop when more steps than this in a row are skipped
     recompute: Literal["none", "moe_act", "moe", "full"] = (
         "none"  # recomputed in backward: expert SwiGLU act, MoE layers, or whole blocks
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_batches"):
+        for name in ("steps", "global_batch", "micro_batch", "seq_len"):
             _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _require(self.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = auto)")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -267,6 +300,11 @@ class TrainConfig:
             f"{self.global_batch} is not a multiple of train.micro_batch={self.micro_batch}",
         )
 
+    def eval_batches_for(self, dp: int) -> int:
+        """Validation micro-batches per evaluation at data-parallel size `dp` (a multiple of dp;
+        eval_batches=0 means the smallest multiple of dp that is at least 4)."""
+        return self.eval_batches or dp * -(-4 // dp)
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -279,6 +317,7 @@ class DataConfig:
     token_dtype: Literal["uint16", "uint32", "int32", "int64"] = "uint16"  # dtype of .bin files
     val_every_nth: int = 10  # every n-th document (text) or sequence (tokens) is validation
     cache_dir: str = ""  # tokenizer/token cache; empty = ~/.cache/moefold
+    tokenizer: str = ""  # a model's tokenizer (HF folder / tokenizer.json); "" = train a BPE
 
     def __post_init__(self) -> None:
         _require(self.val_every_nth >= 2, "data.val_every_nth", "must be >= 2")
@@ -333,19 +372,35 @@ def preset_names() -> list[str]:
     )
 
 
+def _parse_toml(path: Any, shown: str) -> dict[str, Any]:
+    """The TOML table in `path`; a ConfigError naming `shown` on a syntax or read error."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{shown}: not valid TOML ({error}); fix the file") from None
+    except OSError as error:
+        raise ConfigError(f"{shown}: cannot be read ({error.strerror or error})") from None
+
+
 def _read_preset(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
+    if path.is_dir():
+        inside = path / "config.toml"
+        hint = f", e.g. {inside} (its resolved config)" if inside.is_file() else ""
+        raise ConfigError(
+            f"--config: {name_or_path} is a folder; pass a TOML file{hint} or a preset name"
+        )
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"--config: file {name_or_path} does not exist")
-        return tomllib.loads(path.read_text())
+        return _parse_toml(path, name_or_path)
     candidate = resources.files("moefold") / "configs" / f"{name_or_path}.toml"
     if not candidate.is_file():
         raise ConfigError(
             f"--config: unknown preset '{name_or_path}'; use a .toml path or one of "
             f"{', '.join(preset_names())}"
         )
-    return tomllib.loads(candidate.read_text())
+    return _parse_toml(candidate, f"preset {name_or_path}")
 
 
 def _coerce(value: Any, annotation: Any, field_name: str) -> Any:
@@ -522,6 +577,19 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
             "moe.first_dense_layers",
             f"is larger than model.layers={model.layers}",
         )
+        # One probability normalised over itself is always 1.0: the LM loss then sends the
+        # router no gradient (Megatron-Core refuses top-1 without pre-softmax for this reason).
+        top1_renormalised = moe.topk == 1 and (
+            (moe.score == "softmax" and not moe.pre_softmax) or moe.norm_topk_prob
+        )
+        _require(
+            not top1_renormalised,
+            "moe.topk",
+            "1 with softmax after top-k (moe.pre_softmax=false) or moe.norm_topk_prob=true "
+            "gives every token probability 1.0 and the router no gradient; set "
+            "moe.pre_softmax=true and moe.norm_topk_prob=false (or moe.score=sigmoid), "
+            "or use moe.topk >= 2",
+        )
     else:
         _require(
             par.ep == 1 and par.etp == 1,
@@ -555,7 +623,8 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
     _require(
         train.eval_batches % dp == 0,
         "train.eval_batches",
-        f"{train.eval_batches} is not a multiple of dp={dp}; pick a multiple of dp",
+        f"{train.eval_batches} is not a multiple of dp={dp}; pick a multiple of dp "
+        "or 0 (auto: 4 rounded up to a multiple of dp)",
     )
     virtual_stages = par.pp * par.vpp
     first, last = par.pp_first_stage_layers, par.pp_last_stage_layers
@@ -584,7 +653,7 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
     _require(
         par.vpp == 1 or par.pp_schedule == "interleaved_1f1b",
         "parallel.vpp",
-        "virtual stages need parallel.pp_schedule='interleaved_1f1b'",
+        "virtual stages need parallel.pp_schedule='interleaved_1f1b' (or 'auto')",
     )
     _require(par.vpp == 1 or par.pp > 1, "parallel.vpp", "needs parallel.pp > 1")
     _require(
@@ -597,4 +666,11 @@ def check_job(job: JobConfig, world_size: int = 1) -> None:
         moe.enabled or train.recompute in ("none", "full"),
         "train.recompute",
         f"'{train.recompute}' recomputes MoE layers, but the model has none; use 'full' or 'none'",
+    )
+    node_size = par.grad_compression_node_size
+    _require(
+        not par.grad_compression_hierarchical or world_size % node_size == 0,
+        "parallel.grad_compression_node_size",
+        f"world size {world_size} is not a multiple of {node_size} ranks per node; set it to "
+        "the number of ranks each node runs",
     )

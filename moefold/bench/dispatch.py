@@ -1,6 +1,6 @@
 """Token dispatchers on gloo ranks: step time and bytes per token next to the analytical minimum.
 
-    python -m moefold.bench.dispatch [--ep 2 4 8] [--routing top2-of-8 top8-of-64]
+    moefold bench dispatch [--ep 2 4 8] [--routing top2-of-8 top8-of-64]
         [--tokens 1024 --hidden 512 --active-ffn 1024] [--steps 5 --warmup 2] [--json]
 
 One row per dispatcher (all-to-all, all-to-all with de-duplication, all-gather), ep size and
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moefold.bench import timing
+from moefold.bench import bench_parser, timing
 from moefold.bench.moe_layer import build_moefold, make_step
 from moefold.bench.timing import Column
 from moefold.bench.workload import Workload, random_weights
@@ -237,9 +237,7 @@ def header(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m moefold.bench.dispatch", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("dispatch", __doc__)
     parser.add_argument("--ep", nargs="+", type=int, default=[2, 4, 8], help="ep sizes")
     parser.add_argument("--routing", nargs="+", choices=list(ROUTINGS), default=list(ROUTINGS))
     parser.add_argument(

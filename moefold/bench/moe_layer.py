@@ -2,7 +2,7 @@
 libraries' MoE blocks, in one process (ep = 1) and on ep gloo ranks, as one table measured in
 one run.
 
-    python -m moefold.bench.moe_layer [--tokens 4096 --hidden 1024 --ffn 3584 --experts 8
+    moefold bench moe-layer [--tokens 4096 --hidden 1024 --ffn 3584 --experts 8
         --topk 2] [--dtype fp32 bf16] [--ep 1 2 4] [--steps 7 --warmup 2]
         [--capacity-factor none 1.0] [--bf16-workload auto|full|small|both]
         [--row-budget-s S] [--json]
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moefold.bench import peers, timing
+from moefold.bench import bench_parser, peers, timing
 from moefold.bench.timing import Column
 from moefold.bench.workload import INIT_STD, ExpertWeights, Workload, random_weights
 from moefold.config import GROUPED_MM_ROW_MULTIPLE, MoEConfig, grouped_mm_rows_aligned
@@ -139,7 +139,11 @@ def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
         rows.append(Candidate("moefold-native-bf16", make, moe_flops))
     hf_blocks = (("hf-mixtral", peers.build_hf_mixtral), ("hf-qwen3-moe", peers.build_hf_qwen3_moe))
     aligned = grouped_mm_rows_aligned(workload.hidden, workload.ffn_hidden)
-    for impl in args.hf_experts:
+    hf_experts = args.hf_experts
+    if importlib.util.find_spec("transformers") is None:
+        timing.progress(f"skipped hf-mixtral, hf-qwen3-moe: {_MISSING.format('transformers')}")
+        hf_experts = []
+    for impl in hf_experts:
         if impl == "grouped_mm" and not aligned:
             multiple = GROUPED_MM_ROW_MULTIPLE
             timing.progress(f"skipped HF {impl}: hidden and ffn must be multiples of {multiple}")
@@ -154,7 +158,13 @@ def candidates(args: argparse.Namespace, section: Section) -> list[Candidate]:
     ):
         if importlib.util.find_spec(package) is not None:
             rows.append(Candidate(package, lambda b=build: b(workload, weights), moe_flops, True))
+        else:
+            timing.progress(f"skipped {package}: {_MISSING.format(package)}")
     return rows
+
+
+# Peers are optional: a missing package skips its rows (said on stderr), never the benchmark.
+_MISSING = "{} is not installed (pip install -e '.[bench]'; torchtitan by hand)"
 
 
 def make_step(
@@ -236,7 +246,7 @@ def run_section_in_fresh_process(args: argparse.Namespace, section: Section) -> 
     ranks: no section inherits the heap an earlier one left. Measured in one process, the bf16
     rows after the fp32 section ran slower and further apart (dense 709-720 ms against 648-709
     alone, moefold 815-851 against 690-738, HF grouped_mm 814-837 against 712-767;
-    docs/decisions.md, 2026-12-06). Spawned, not forked: a fork after the parent's OpenMP
+    docs/decisions.md, Performance on CPU). Spawned, not forked: a fork after the parent's OpenMP
     threads ran can hang the child's first parallel region (GNU libgomp)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_section_child, (args, section))
@@ -413,9 +423,7 @@ def _capacity_factor(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m moefold.bench.moe_layer", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("moe-layer", __doc__)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch*seq)")
     parser.add_argument("--batch", type=int, default=2, help="sequences the tokens form")
     parser.add_argument("--hidden", type=int, default=1024, help="model dim D")

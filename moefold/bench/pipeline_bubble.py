@@ -1,6 +1,6 @@
 """Pipeline bubble: measured idle time per rank next to the formula (pp - 1) / (m * v).
 
-    python -m moefold.bench.pipeline_bubble [--layers 8] [--microbatches 8] [--steps 4]
+    moefold bench pipeline-bubble [--layers 8] [--microbatches 8] [--steps 4]
 
 Each rank runs real training steps of a tiny-moe-shaped model on gloo. A rank's busy time is
 its process CPU time (one thread per rank; gloo waits block rather than spin), its idle time
@@ -12,11 +12,11 @@ is over-counted there; the pp2 rows are the clean measurement.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from moefold.bench import bench_parser
 from moefold.config import load_job
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
@@ -70,7 +70,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moefold bench pipeline-bubble")
+    parser = bench_parser("pipeline-bubble", __doc__)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)

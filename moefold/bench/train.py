@@ -1,7 +1,7 @@
 """End-to-end training throughput: moefold's Trainer against a Hugging Face
 `MixtralForCausalLM` of the same shape, same weights, same data, optimizer and dtype, one run.
 
-    python -m moefold.bench.train [--presets tiny-moe cpu-moe-1024] [--dtype fp32 bf16]
+    moefold bench train [--presets tiny-moe cpu-moe-1024] [--dtype fp32 bf16]
         [--steps 5 --warmup 2] [--hf-experts eager grouped_mm] [--threads N] [--row-budget-s S]
         [--set SECTION.FIELD=VALUE ...] [--json]
 
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moefold.bench import timing
+from moefold.bench import bench_parser, timing
 from moefold.bench.timing import Column
 from moefold.config import JobConfig, load_job
 from moefold.data import BatchLoader
@@ -259,9 +259,7 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m moefold.bench.train", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("train", __doc__)
     parser.add_argument("--presets", nargs="+", default=["tiny-moe", "cpu-moe-1024"])
     parser.add_argument("--dtype", nargs="+", choices=list(timing.DTYPES), default=["fp32"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")

@@ -9,7 +9,14 @@ from moefold.data.loader import (
     load_tokenizer,
     synthetic_stream,
 )
-from moefold.data.tokenizer import EOT_ID, EOT_TOKEN, TextTokenizer, train_tokenizer
+from moefold.data.tokenizer import (
+    EOT_ID,
+    EOT_TOKEN,
+    TextTokenizer,
+    load_pretrained_tokenizer,
+    train_tokenizer,
+    write_pretrained_files,
+)
 
 __all__ = [
     "EOT_ID",
@@ -21,9 +28,11 @@ __all__ = [
     "build_datasets",
     "document_split",
     "eval_batches",
+    "load_pretrained_tokenizer",
     "load_tokenizer",
     "read_documents",
     "source_files",
     "synthetic_stream",
     "train_tokenizer",
+    "write_pretrained_files",
 ]

@@ -113,15 +113,28 @@ def read_documents(files: Sequence[Path]) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
+def load_token_array(path: Path, field: str, fix: str) -> np.ndarray:
+    """A 1-D integer .npy array, memory-mapped read-only; never unpickles (allow_pickle=False).
+
+    Raises ConfigError naming `field`, the file and `fix` for an unreadable file, an object
+    (pickled) array, or an array that is not 1-D integers.
+    """
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # numpy names no file in its errors
+        message = f"{field}: {path} is not a readable .npy token array ({error}); {fix}"
+        raise ConfigError(message) from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise ConfigError(
+            f"{field}: {path} holds a {tokens.ndim}-D {tokens.dtype} array; "
+            "save a 1-D integer array of token ids"
+        )
+    return tokens
+
+
 def _read_token_file(path: Path, token_dtype: str) -> np.ndarray:
     if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
-        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ConfigError(
-                f"data.path: {path} holds a {tokens.ndim}-D {tokens.dtype} array; "
-                "save a 1-D integer array of token ids"
-            )
-        return tokens
+        return load_token_array(path, "data.path", "save a 1-D integer array with numpy.save")
     itemsize = np.dtype(token_dtype).itemsize
     if path.stat().st_size % itemsize:
         raise ConfigError(

@@ -18,6 +18,7 @@ from moefold.data.tokenizer import (
     TextTokenizer,
     load_or_encode_streams,
     load_or_train_tokenizer,
+    pretrained_for,
     stream_dtype,
 )
 
@@ -121,6 +122,8 @@ def load_tokenizer(data_cfg: DataConfig, vocab_size: int) -> TextTokenizer | Non
 
     None for 'synthetic' and 'tokens', whose ids have no text.
     """
+    if data_cfg.tokenizer:  # a model's tokenizer also decodes token files made with it
+        return pretrained_for(data_cfg, vocab_size)
     if data_cfg.source in ("synthetic", "tokens"):
         return None
     return load_or_train_tokenizer(data_cfg, document_split(data_cfg), vocab_size)

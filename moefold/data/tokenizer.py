@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -26,7 +27,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moefold.config import ConfigError, DataConfig
-from moefold.data.corpus import DocumentSplit, read_documents
+from moefold.data.corpus import DocumentSplit, load_token_array, read_documents
+
+logger = logging.getLogger(__name__)
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 0
@@ -39,9 +42,11 @@ _SAFE_CUT = re.compile(r" (?=[A-Za-z])")
 
 
 class TextTokenizer:
-    """A trained byte-level BPE. Ids are 0..vocab_size-1; `eot_id` separates documents."""
+    """A trained byte-level BPE, or a model's own tokenizer (`load_pretrained_tokenizer`).
+    Ids are 0..vocab_size-1; `eot_id` separates documents (EOT_ID, or the model's EOS)."""
 
     eot_id = EOT_ID
+    pretrained = False  # True: a model's tokenizer.json, not one trained here
 
     def __init__(self, hf: Tokenizer) -> None:
         self.hf = hf
@@ -63,6 +68,55 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, separators included, so decode(encode(x)) == x."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# Names a model's end-of-text token goes by, tried when tokenizer_config.json names none.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
+
+
+def pretrained_tokenizer_file(path: str | os.PathLike) -> Path | None:
+    """tokenizer.json of a Hugging Face folder, of a converted checkpoint (CKPT/tokenizer/),
+    or the file itself; None when there is none."""
+    path = Path(path)
+    for candidate in (path, path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"):
+        if candidate.is_file() and candidate.name == "tokenizer.json":
+            return candidate
+    return None
+
+
+def load_pretrained_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+    """A model's own tokenizer (tokenizer.json, with tokenizer_config.json's eos_token as the
+    document separator), loaded with the `tokenizers` library."""
+    file = pretrained_tokenizer_file(path)
+    if file is None:
+        raise ConfigError(
+            f"data.tokenizer: {path} has no tokenizer.json; pass a Hugging Face model folder or "
+            "a checkpoint made by `moefold convert --from-hf` (it keeps CKPT/tokenizer/)"
+        )
+    tokenizer = TextTokenizer(Tokenizer.from_file(str(file)))
+    tokenizer.pretrained = True
+    eos = None
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    for name in (eos, *_EOS_NAMES):
+        if name and tokenizer.hf.token_to_id(name) is not None:
+            tokenizer.eot_id = tokenizer.hf.token_to_id(name)
+            return tokenizer
+    raise ConfigError(
+        f"data.tokenizer: {file} has no end-of-text token (tokenizer_config.json eos_token, or "
+        f"one of {', '.join(_EOS_NAMES)}) to separate documents"
+    )
+
+
+def write_pretrained_files(tokenizer: TextTokenizer, out_dir: Path) -> None:
+    """tokenizer.json plus a tokenizer_config.json that transformers' AutoTokenizer reads
+    (PreTrainedTokenizerFast; its EOS is the document separator)."""
+    eos = tokenizer.hf.id_to_token(tokenizer.eot_id)
+    (out_dir / "tokenizer.json").write_text(tokenizer.hf.to_str())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def stream_dtype(vocab_size: int) -> np.dtype:
@@ -104,15 +158,17 @@ def _cut(text: str) -> list[str]:
 
 
 def encode_documents(tokenizer: TextTokenizer, docs: Sequence[str], dtype: np.dtype) -> np.ndarray:
-    """One stream [N]: EOT_ID before every document, then its ids."""
-    pieces = [_cut(doc) for doc in docs]
+    """One stream [N]: the separator (tokenizer.eot_id) before every document, then its ids.
+    A model's own tokenizer encodes whole documents (the cut below is exact for ours only)."""
+    cut = (lambda doc: [doc]) if tokenizer.pretrained else _cut
+    pieces = [cut(doc) for doc in docs]
     flat = [p for doc_pieces in pieces for p in doc_pieces]
     # encode_batch_fast (tokenizers >= 0.21) skips offsets; it runs on all cores.
     encode = getattr(tokenizer.hf, "encode_batch_fast", tokenizer.hf.encode_batch)
     encodings = iter(encode(flat, add_special_tokens=False))
     parts = []
     for doc_pieces in pieces:
-        parts.append(np.array([EOT_ID], dtype=dtype))
+        parts.append(np.array([tokenizer.eot_id], dtype=dtype))
         parts.extend(np.asarray(next(encodings).ids, dtype=dtype) for _ in doc_pieces)
     return np.concatenate(parts)
 
@@ -154,8 +210,32 @@ def cache_dir(data_cfg: DataConfig, split: DocumentSplit, vocab_size: int) -> Pa
         "train": [[str(p.resolve()), p.stat().st_size] for p in split.train],
         "val": [[str(p.resolve()), p.stat().st_size] for p in split.val],
     }
+    if data_cfg.tokenizer:  # a model's tokenizer: its file is part of the key
+        key["tokenizer"] = _file_digest(_pretrained_file(data_cfg))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root(data_cfg) / f"{data_cfg.source.replace('+', '-')}-v{vocab_size}-{digest}"
+
+
+def _pretrained_file(data_cfg: DataConfig) -> Path:
+    file = pretrained_tokenizer_file(data_cfg.tokenizer)
+    if file is None:
+        load_pretrained_tokenizer(data_cfg.tokenizer)  # raises the ConfigError
+    return file
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretrained_for(data_cfg: DataConfig, vocab_size: int) -> TextTokenizer:
+    """data.tokenizer, checked to fit model.vocab_size."""
+    tokenizer = load_pretrained_tokenizer(data_cfg.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: {data_cfg.tokenizer} has {tokenizer.vocab_size} ids, more than "
+            f"model.vocab_size={vocab_size}; use the model's own tokenizer"
+        )
+    return tokenizer
 
 
 def _train_and_cache(path: Path, train_docs: Sequence[str], vocab_size: int) -> TextTokenizer:
@@ -168,6 +248,8 @@ def load_or_train_tokenizer(
     data_cfg: DataConfig, split: DocumentSplit, vocab_size: int
 ) -> TextTokenizer:
     """The cached tokenizer of this split, trained on split.train (and cached) on a miss."""
+    if data_cfg.tokenizer:
+        return pretrained_for(data_cfg, vocab_size)
     path = cache_dir(data_cfg, split, vocab_size) / "tokenizer.json"
     if path.is_file():
         return TextTokenizer.from_file(path)
@@ -185,14 +267,24 @@ def load_or_encode_streams(
     tok_path, train_path, val_path = (
         folder / n for n in ("tokenizer.json", "train.npy", "val.npy")
     )
-    if tok_path.is_file() and train_path.is_file() and val_path.is_file():
+    pretrained = pretrained_for(data_cfg, vocab_size) if data_cfg.tokenizer else None
+    if (pretrained or tok_path.is_file()) and train_path.is_file() and val_path.is_file():
+        fix = f"delete {folder} and it is rebuilt"
         return (
-            TextTokenizer.from_file(tok_path),
-            np.load(train_path, mmap_mode="r"),
-            np.load(val_path, mmap_mode="r"),
+            pretrained or TextTokenizer.from_file(tok_path),
+            load_token_array(train_path, "data.cache_dir", fix),
+            load_token_array(val_path, "data.cache_dir", fix),
         )
     train_docs = read_documents(split.train)
-    if tok_path.is_file():
+    logger.info(
+        "tokenizing %d train / %d validation documents into %s",
+        len(split.train),
+        len(split.val),
+        folder,
+    )
+    if pretrained is not None:
+        tokenizer = pretrained
+    elif tok_path.is_file():
         tokenizer = TextTokenizer.from_file(tok_path)
     else:
         tokenizer = _train_and_cache(tok_path, train_docs, vocab_size)

@@ -49,19 +49,23 @@ class AllGatherDispatcher:
         self.first_expert = ep_rank * self.num_local_experts
         self.stats = stats
 
-    def _kept_ids(self, probs_TK, expert_ids_TK) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kept_ids(
+        self, probs_TK, expert_ids_TK, num_sequences: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids with dropped choices set to -1, and the number dropped on this rank."""
         cfg = self.cfg
         if cfg.capacity_factor is None:
             return expert_ids_TK, torch.zeros((), dtype=torch.long, device=expert_ids_TK.device)
         T, K = expert_ids_TK.shape
         capacity = expert_capacity(T, cfg.num_experts, K, cfg.capacity_factor)
-        keep = keep_mask(expert_ids_TK, probs_TK, cfg.num_experts, capacity, cfg.drop_policy)
+        keep = keep_mask(
+            expert_ids_TK, probs_TK, cfg.num_experts, capacity, cfg.drop_policy, num_sequences
+        )
         return torch.where(keep, expert_ids_TK, -1), (~keep).sum()
 
-    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK):
+    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         cfg, e = self.cfg, self.num_local_experts
-        kept_ids_TK, num_dropped = self._kept_ids(probs_TK, expert_ids_TK)
+        kept_ids_TK, num_dropped = self._kept_ids(probs_TK, expert_ids_TK, num_sequences)
         sizes = all_gather_sizes(hidden_TD.shape[0], self.group, family="ep", stats=self.stats)
         hidden = all_gather_dim(
             hidden_TD, 0, self.group, sizes=sizes, family="ep", stats=self.stats

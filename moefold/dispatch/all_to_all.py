@@ -83,7 +83,7 @@ class AllToAllDispatcher:
         self.num_local_experts = cfg.num_experts // self.ep_size
         self.stats = stats
 
-    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK):
+    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         cfg, n, e = self.cfg, self.ep_size, self.num_local_experts
         routing = route_slots(
             expert_ids_TK,
@@ -92,6 +92,7 @@ class AllToAllDispatcher:
             cfg.capacity_factor,
             cfg.drop_policy,
             cfg.pad_to_capacity,
+            num_sequences,
         )
         padded = cfg.pad_to_capacity and cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)

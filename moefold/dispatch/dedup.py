@@ -141,7 +141,7 @@ class DedupAllToAllDispatcher:
     def _gather_etp(self, x, sizes: list[int]) -> torch.Tensor:
         return all_gather_dim(x, 0, self.etp_group, sizes=sizes, family="etp", stats=self.stats)
 
-    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK):
+    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         cfg, n, e = self.cfg, self.ep_size, self.num_local_experts
         routing = route_slots(
             expert_ids_TK,
@@ -150,6 +150,7 @@ class DedupAllToAllDispatcher:
             cfg.capacity_factor,
             cfg.drop_policy,
             cfg.pad_to_capacity,
+            num_sequences,
         )
         destinations = destination_rows(routing.slots_R, expert_ids_TK, e, n)
         sent_nc = torch.cat(

@@ -59,7 +59,7 @@ class LocalDispatcher:
         self.cfg = cfg
         self.num_experts = cfg.num_experts
 
-    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK):
+    def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         routing = route_slots(
             expert_ids_TK,
             probs_TK,
@@ -67,6 +67,7 @@ class LocalDispatcher:
             self.cfg.capacity_factor,
             self.cfg.drop_policy,
             self.cfg.pad_to_capacity,
+            num_sequences,
         )
         padded = self.cfg.pad_to_capacity and self.cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)

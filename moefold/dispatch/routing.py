@@ -7,6 +7,12 @@ R rows handed to the experts, C capacity (rows per expert), n ranks, U unique ro
 A "slot" is one (token, choice) pair, numbered t * K + k. Rows are slots grouped by expert in
 ascending expert order; inside an expert, rows keep token order. Capacity is counted per expert
 on the tokens this rank routes (Megatron's rule): C = ceil(T * K / E * capacity_factor).
+
+Tokens arrive batch-major (t = b * S + s for B sequences of S positions). The "position" drop
+policy ranks them sequence-major, position first (Megatron's [S, B] token order): an over-full
+expert drops the last positions of every sequence, not the last sequences. Under context or
+sequence parallelism a rank holds each sequence's positions in increasing global order, so the
+local ranking is the global position order restricted to this rank's tokens.
 """
 
 from __future__ import annotations
@@ -31,23 +37,43 @@ def expert_capacity(num_tokens: int, num_experts: int, topk: int, capacity_facto
     return math.ceil(num_tokens * topk / num_experts * capacity_factor)
 
 
+def position_order(
+    num_tokens: int, topk: int, num_sequences: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Slot indices [T * K] sequence-major: position 0 of every sequence, then position 1, ...
+
+    Slot t * K + k of token t = b * S + s ranks at (s, b, k).
+    """
+    _check_sequences(num_tokens, num_sequences)
+    slots = torch.arange(num_tokens * topk, device=device)
+    return slots.view(num_sequences, -1, topk).transpose(0, 1).flatten()
+
+
+def _check_sequences(num_tokens: int, num_sequences: int) -> None:
+    if num_sequences < 1 or num_tokens % num_sequences:
+        raise ValueError(
+            f"num_sequences={num_sequences} must be >= 1 and divide the {num_tokens} tokens"
+        )
+
+
 def keep_mask(
     expert_ids_TK: torch.Tensor,
     probs_TK: torch.Tensor,
     num_experts: int,
     capacity: int,
     drop_policy: str,
+    num_sequences: int = 1,
 ) -> torch.Tensor:
     """Bool [T, K]: the slots an expert keeps when at most `capacity` rows fit.
 
     drop_policy "probs" keeps each expert's highest-probability slots (ties: earlier token);
-    "position" keeps its earliest tokens.
+    "position" keeps its earliest positions, sequences interleaved (`position_order`).
     """
     flat_ids = expert_ids_TK.flatten()
     if drop_policy == "probs":
         priority = torch.argsort(-probs_TK.detach().flatten(), stable=True)
     else:
-        priority = torch.arange(flat_ids.numel(), device=flat_ids.device)
+        priority = position_order(*expert_ids_TK.shape, num_sequences, flat_ids.device)
     order = priority[torch.argsort(flat_ids[priority], stable=True)]
     counts = torch.bincount(flat_ids, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
@@ -66,8 +92,12 @@ def route_slots(
     capacity_factor: float | None,
     drop_policy: str = "probs",
     pad_to_capacity: bool = False,
+    num_sequences: int = 1,
 ) -> SlotRouting:
-    """Group slots by expert, applying capacity, dropping and padding from the MoE config."""
+    """Group slots by expert, applying capacity, dropping and padding from the MoE config.
+
+    `num_sequences`: how many sequences the T tokens hold (batch-major), for the position
+    drop policy."""
     T, K = expert_ids_TK.shape
     flat_ids = expert_ids_TK.flatten()
     if capacity_factor is None:
@@ -75,7 +105,9 @@ def route_slots(
         counts = torch.bincount(flat_ids, minlength=num_experts)
         return SlotRouting(order, counts, torch.zeros((), dtype=torch.long, device=flat_ids.device))
     capacity = expert_capacity(T, num_experts, K, capacity_factor)
-    keep = keep_mask(expert_ids_TK, probs_TK, num_experts, capacity, drop_policy).flatten()
+    keep = keep_mask(
+        expert_ids_TK, probs_TK, num_experts, capacity, drop_policy, num_sequences
+    ).flatten()
     num_kept = int(keep.sum())  # host sync: the row count sizes the expert input
     masked_ids = torch.where(keep, flat_ids, num_experts)
     kept_order = torch.argsort(masked_ids, stable=True)[:num_kept]

@@ -97,17 +97,20 @@ def _fail(error: Exception) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if not 0 < args.max_shard_gb < float("inf"):  # checked before torch is imported
+        return _fail(ValueError(f"--max-shard-gb: must be > 0, got {args.max_shard_gb}"))
     import torch
 
     from moefold.checkpoint import CheckpointError, resolve_checkpoint
     from moefold.interop import gguf, hf
+    from moefold.run_dir import newest_run
 
     try:
         if args.from_hf:
             out = hf.import_checkpoint(args.from_hf, args.out)
         elif args.to_hf:
             out = hf.export_checkpoint(
-                resolve_checkpoint(Path(args.to_hf), "--to-hf"),
+                resolve_checkpoint(newest_run(Path(args.to_hf)), "--to-hf"),
                 args.out,
                 dtype=getattr(torch, _DTYPES[args.dtype]),
                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
@@ -115,7 +118,7 @@ def run_convert(args: argparse.Namespace) -> int:
         else:
             source = gguf.smollm2_gguf_path() if args.from_gguf == "smollm2" else args.from_gguf
             out = gguf.gguf_to_hf(source, args.out, args.layers)
-    except (ValueError, CheckpointError) as error:
+    except (ValueError, CheckpointError, OSError) as error:  # OSError names its path
         return _fail(error)
     print(f"moefold: wrote {out}")
     return 0
@@ -132,17 +135,19 @@ def upcycle(dense_dir: str | Path, out: str | Path, spec, fmt: str = "hf") -> Pa
     """
     from moefold.config import JobConfig
     from moefold.interop import hf
+    from moefold.interop.output_dir import check_output_dir
     from moefold.model.upcycle import upcycle_tensors, upcycled_moe_config
 
     dense_config = hf.read_hf_config(dense_dir)
-    model_cfg, dense_moe = hf.config_from_hf(dense_config)
-    if dense_moe.enabled:
-        raise ValueError(
-            f"--dense: {dense_dir} is already an MoE "
-            f"({dense_config['model_type']}); pass a dense Llama/Qwen2/Qwen3 folder"
-        )
-    moe_cfg = upcycled_moe_config(model_cfg, spec)
+    check_output_dir(Path(out), "checkpoint" if fmt == "moefold" else "Hugging Face model")
     with hf.SafetensorsFolder(dense_dir) as folder:
+        model_cfg, dense_moe = hf.check_folder(folder, dense_config)
+        if dense_moe.enabled:
+            raise ValueError(
+                f"--dense: {dense_dir} is already an MoE "
+                f"({dense_config['model_type']}); pass a dense Llama/Qwen2/Qwen3 folder"
+            )
+        moe_cfg = upcycled_moe_config(model_cfg, spec)
         tensors = upcycle_tensors(hf.hf_tensors(folder, dense_config), spec)
         if fmt == "moefold":
             return hf.save_model_checkpoint(
@@ -151,10 +156,11 @@ def upcycle(dense_dir: str | Path, out: str | Path, spec, fmt: str = "hf") -> Pa
                 out,
                 hf_config=dense_config,
                 source=str(dense_dir),
+                tokenizer_from=dense_dir,
             )
-        hf.write_hf(tensors, model_cfg, moe_cfg, out, base_config=dense_config)
-    hf.copy_tokenizer_files(dense_dir, out)
-    return Path(out)
+        return hf.write_hf(
+            tensors, model_cfg, moe_cfg, out, base_config=dense_config, tokenizer_from=dense_dir
+        )
 
 
 def run_upcycle(args: argparse.Namespace) -> int:
@@ -171,7 +177,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         out = upcycle(args.dense, args.out, spec, args.format)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError names its path
         return _fail(error)
     print(f"moefold: wrote {out}")
     return 0

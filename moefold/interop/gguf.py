@@ -138,18 +138,24 @@ def gguf_to_hf(
     except ImportError as error:
         raise ValueError("GGUF: the gguf package is missing; `pip install gguf`") from error
 
-    from moefold.interop.hf import DEFAULT_SHARD_BYTES, ShardWriter, prepare_output_dir
+    from moefold.interop.hf import DEFAULT_SHARD_BYTES, ShardWriter
+    from moefold.interop.output_dir import atomic_output_dir, check_output_dir
 
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, "Hugging Face model")
     if reader is None:
         if not Path(gguf_path).is_file():
             raise ValueError(f"--from-gguf: {gguf_path} is not a file; pass a .gguf or 'smollm2'")
-        reader = GGUFReader(str(gguf_path))
+        try:
+            reader = GGUFReader(str(gguf_path))
+        except (ValueError, IndexError, OSError) as error:  # gguf's errors name no file
+            message = f"--from-gguf: {gguf_path} is not a readable GGUF file ({error})"
+            raise ValueError(message) from None
     config = hf_config_from_gguf(reader, num_layers)
-    out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, "Hugging Face model")
-    writer = ShardWriter(out_dir, DEFAULT_SHARD_BYTES, torch.float32)
-    for key, tensor in gguf_tensors(reader, config):
-        writer.add(key, tensor)
-    writer.close()
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_output_dir(out_dir, "Hugging Face model") as tmp:
+        writer = ShardWriter(tmp, DEFAULT_SHARD_BYTES, torch.float32)
+        for key, tensor in gguf_tensors(reader, config):
+            writer.add(key, tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

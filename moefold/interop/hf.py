@@ -18,9 +18,11 @@ never imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,12 +30,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
 
-from moefold.checkpoint import CONFIG_FILE, TRAINER_FILE
-from moefold.config import JobConfig, ModelConfig, MoEConfig, job_to_toml, load_job
+from moefold.checkpoint import (
+    CONFIG_FILE,
+    TRAINER_FILE,
+    load_arguments,
+    read_metadata,
+    verify_checkpoint,
+    write_manifest,
+)
+from moefold.config import (
+    ConfigError,
+    JobConfig,
+    ModelConfig,
+    MoEConfig,
+    job_to_toml,
+    load_job,
+)
 from moefold.interop.hf_config import (  # noqa: F401 (FAMILIES, MOE_FAMILIES: re-exported)
     FAMILIES,
     MOE_FAMILIES,
@@ -41,6 +55,8 @@ from moefold.interop.hf_config import (  # noqa: F401 (FAMILIES, MOE_FAMILIES: r
     config_to_hf,
     hf_family,
 )
+from moefold.interop.output_dir import atomic_output_dir, check_output_dir
+from moefold.interop.safetensors_folder import SafetensorsFolder, read_json_object
 from moefold.model.transformer import Transformer
 
 HF_CONFIG_SIDECAR = "hf_config.json"  # the source config.json, kept beside an imported checkpoint
@@ -143,55 +159,6 @@ def to_hf_tensors(
 # ---- safetensors folders --------------------------------------------------------------------
 
 
-class SafetensorsFolder:
-    """One-tensor-at-a-time reads from an HF folder (model.safetensors or a sharded index);
-    remembers which keys were read so unmapped tensors can be reported."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {key: self.path / file for key, file in weight_map.items()}
-        elif single.is_file():
-            with safe_open(str(single), framework="pt") as handle:
-                self.file_of = dict.fromkeys(handle.keys(), single)
-        else:
-            raise ValueError(
-                f"{self.path}: no model.safetensors or model.safetensors.index.json;"
-                " moefold reads safetensors folders (save_pretrained's default)"
-            )
-        self.read_keys: set[str] = set()
-        self._handles: dict[Path, object] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.file_of
-
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.file_of:
-            raise ValueError(
-                f"{self.path}: tensor {key} is missing; the folder does not match its config.json"
-            )
-        file = self.file_of[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        self.read_keys.add(key)
-        return self._handles[file].get_tensor(key)
-
-    def unread_keys(self) -> list[str]:
-        return sorted(set(self.file_of) - self.read_keys)
-
-    def close(self) -> None:
-        self._handles.clear()
-
-    def __enter__(self) -> SafetensorsFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class ShardWriter:
     """Buffers HF tensors and writes safetensors shards of at most `max_shard_bytes` (a larger
     single tensor gets a shard of its own); close() names them and writes the index."""
@@ -273,13 +240,66 @@ def _ignorable(key: str, model: ModelConfig, moe: MoEConfig) -> bool:
     return moe.enabled and not moe.shared_ffn_hidden and ".mlp.shared_expert" in key
 
 
+_HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(folder: SafetensorsFolder, num_layers: int) -> None:
+    found = sorted({int(m.group(1)) for k in folder.keys() if (m := _HF_LAYER_KEY.match(k))})
+    if found != list(range(num_layers)):
+        held = f"layers 0..{found[-1]} ({len(found)} distinct)" if found else "no layers"
+        raise ValueError(
+            f"{folder.path}: config.json says num_hidden_layers={num_layers}, the safetensors "
+            f"files hold {held}; the config and the weights do not belong together"
+        )
+
+
+def _expert_header_shapes(name: str, shape: torch.Size, family: str, num_experts: int):
+    """(HF key, expected header shape) of a stacked moefold expert tensor [E, D, F] / [E, F, D]:
+    per-expert keys [F, D] / [D, F], else transformers 5's fused [E, 2F, D] / [E, D, F]."""
+    keys = expert_keys(name, family, num_experts)
+    per_expert = [(key, (shape[2], shape[1])) for key in keys]
+    layer, matrix = _EXPERT_NAME.match(name).groups()
+    fused = f"model.layers.{layer}.mlp.experts"
+    if matrix == "down_proj":
+        return per_expert, [(f"{fused}.down_proj", (shape[0], shape[2], shape[1]))]
+    return per_expert, [(f"{fused}.gate_up_proj", (shape[0], 2 * shape[2], shape[1]))]
+
+
+def check_folder(folder: SafetensorsFolder, hf_config: dict) -> tuple[ModelConfig, MoEConfig]:
+    """The configs of an HF folder, after checking config.json's fields (types and bounds) and
+    then its layer count and every tensor shape against the safetensors headers; nothing is
+    built and no tensor data is read. ValueError names the first mismatch."""
+    model, moe = config_from_hf(hf_config)
+    _check_layer_count(folder, model.layers)
+    family = hf_config["model_type"]
+    for name, shape in expected_shapes(model, moe).items():
+        if _EXPERT_NAME.match(name):
+            per_expert, fused = _expert_header_shapes(name, shape, family, moe.num_experts)
+            wanted = per_expert if per_expert[0][0] in folder else fused
+        else:
+            wanted = [(_present_key(folder, hf_name(name, family)), tuple(shape))]
+        for key, expected in wanted:
+            if key not in folder:
+                raise ValueError(
+                    f"{folder.path}: tensor {key} is missing; the folder does not match its "
+                    "config.json"
+                )
+            if folder.shape(key) != tuple(expected):
+                raise ValueError(
+                    f"{folder.path}: {key} has shape {folder.shape(key)} in "
+                    f"{folder.file_of[key].name}, config.json implies {tuple(expected)}"
+                )
+    return model, moe
+
+
 def hf_tensors(folder: SafetensorsFolder, hf_config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """The moefold (name, fp32 tensor) stream of an HF folder, in state-dict order.
 
-    Raises ValueError on a shape that contradicts the config, a missing tensor, or (after the
-    last tensor) an HF tensor that nothing consumed.
+    Checks the whole folder's headers first (check_folder); raises ValueError on a shape that
+    contradicts the config, a missing tensor, or (after the last tensor) an HF tensor that
+    nothing consumed.
     """
-    model, moe = config_from_hf(hf_config)
+    model, moe = check_folder(folder, hf_config)
     family = hf_config["model_type"]
     for name, shape in expected_shapes(model, moe).items():
         if _EXPERT_NAME.match(name):
@@ -323,7 +343,8 @@ def _layer_groups(names: Iterable[str]) -> Iterator[list[str]]:
 
 def checkpoint_tensors(path: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Full tensors of a DCP checkpoint saved under any parallel layout, one layer at a time."""
-    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    verify_checkpoint(path)  # checksums, then metadata read without running code
+    metadata = read_metadata(path).state_dict_metadata
     for group in _layer_groups(names):
         buffers = {}
         for name in group:
@@ -335,7 +356,7 @@ def checkpoint_tensors(path: Path, names: Iterable[str]) -> Iterator[tuple[str, 
                 )
             buffers[name] = torch.empty(entry.size, dtype=entry.properties.dtype)
         with _single_process_dcp():
-            dcp.load({"model": buffers}, checkpoint_id=str(path), no_dist=True)
+            dcp.load({"model": buffers}, no_dist=True, **load_arguments(path))
         yield from buffers.items()
 
 
@@ -356,12 +377,6 @@ def fill_model(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
         raise ValueError(f"tensors missing from the source: {sorted(missing)[:5]}")
 
 
-def prepare_output_dir(path: Path, what: str) -> None:
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"--out: {path} is not empty; choose a new folder for the {what}")
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def write_hf(
     tensors: Iterable[tuple[str, torch.Tensor]],
     model: ModelConfig,
@@ -371,21 +386,27 @@ def write_hf(
     base_config: dict | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer_from: str | Path | None = None,
 ) -> Path:
-    """Write a moefold (name, tensor) stream as an HF folder (safetensors shards + config.json)."""
+    """Write a moefold (name, tensor) stream as an HF folder (safetensors shards + config.json,
+    plus the tokenizer files of `tokenizer_from`); all or nothing (output_dir.py)."""
     out_dir = Path(out_dir)
     config = config_to_hf(model, moe, base_config, dtype)  # fails before any file is written
-    prepare_output_dir(out_dir, "Hugging Face model")
-    writer = ShardWriter(out_dir, max_shard_bytes, dtype)
-    for key, tensor in to_hf_tensors(tensors, model, moe):
-        writer.add(key, tensor)
-    writer.close()
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_output_dir(out_dir, "Hugging Face model") as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, dtype)
+        for key, tensor in to_hf_tensors(tensors, model, moe):
+            writer.add(key, tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, tmp)
     return out_dir
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    if copied:
+        Path(dst).mkdir(parents=True, exist_ok=True)
     for name in copied:
         shutil.copyfile(Path(src) / name, Path(dst) / name)
     return copied
@@ -398,16 +419,20 @@ def save_model_checkpoint(
     *,
     hf_config: dict | None = None,
     source: str = "",
+    tokenizer_from: str | Path | None = None,
 ) -> Path:
     """A model-only DCP checkpoint folder (.metadata, config.toml, trainer.json at step 0) that
     `moefold.checkpoint.load_checkpoint(path, model, None)` loads under any layout.
 
-    The stream is gathered once (the model is in memory once) and written atomically.
+    With `tokenizer_from` (the HF folder) the model's tokenizer files go to CKPT/tokenizer/ and
+    the saved config gets data.tokenizer pointing there, plus fine-tuning defaults
+    (`finetune_job`): training, generate and export then use the model's own tokenizer.
+
+    The stream is gathered once (the model is in memory once), then written all or nothing
+    (output_dir.py).
     """
     out = Path(out)
-    prepare_output_dir(out, "checkpoint")
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_output_dir(out, "checkpoint")
     expected = expected_shapes(job.model, job.moe)
     state = dict(tensors)
     if set(state) != set(expected):
@@ -416,19 +441,21 @@ def save_model_checkpoint(
             f"{sorted(set(expected) - set(state))[:5]}, extra "
             f"{sorted(set(state) - set(expected))[:5]}"
         )
-    with _single_process_dcp():
-        dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
-    (tmp / CONFIG_FILE).write_text(job_to_toml(job))
     trainer_state = {
         "step": 0,
         "converted_from": source,
         "note": "model weights only; no optimizer or data-loader state",
     }
-    (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
-    if hf_config is not None:
-        (tmp / HF_CONFIG_SIDECAR).write_text(json.dumps(hf_config, indent=2))
-    out.rmdir()
-    tmp.rename(out)
+    with atomic_output_dir(out, "checkpoint") as tmp:
+        with _single_process_dcp():
+            dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
+        if tokenizer_from is not None and copy_tokenizer_files(tokenizer_from, tmp / "tokenizer"):
+            job = finetune_job(job, out.resolve() / "tokenizer")
+        (tmp / CONFIG_FILE).write_text(job_to_toml(job))
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if hf_config is not None:
+            (tmp / HF_CONFIG_SIDECAR).write_text(json.dumps(hf_config, indent=2))
+        write_manifest(tmp)  # checksums, verified by every load
     return out
 
 
@@ -439,7 +466,7 @@ def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{path}: no config.json; pass a Hugging Face model folder")
-    return json.loads(file.read_text())
+    return read_json_object(file)
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -449,8 +476,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     hold the mapped configs.
     """
     hf = read_hf_config(path)
-    model = Transformer(*config_from_hf(hf))
     with SafetensorsFolder(path) as folder:
+        model = Transformer(*check_folder(folder, hf))  # built only once the headers agree
         fill_model(model, hf_tensors(folder, hf))
     return model.to(dtype).eval()
 
@@ -463,14 +490,16 @@ def save(model: Transformer, out_dir: str | Path, **kwargs) -> Path:
 def import_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
     """HF folder -> moefold DCP checkpoint (model weights, config.toml, the source config)."""
     hf = read_hf_config(hf_dir)
-    model, moe = config_from_hf(hf)
+    check_output_dir(Path(out), "checkpoint")
     with SafetensorsFolder(hf_dir) as folder:
+        model, moe = check_folder(folder, hf)
         return save_model_checkpoint(
             hf_tensors(folder, hf),
             JobConfig(model=model, moe=moe),
             out,
             hf_config=hf,
             source=str(hf_dir),
+            tokenizer_from=hf_dir,
         )
 
 
@@ -485,14 +514,51 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     job = load_job(str(checkpoint / CONFIG_FILE))
     sidecar = checkpoint / HF_CONFIG_SIDECAR
-    base = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    base = read_json_object(sidecar) if sidecar.is_file() else None
     names = expected_shapes(job.model, job.moe)
-    return write_hf(
-        checkpoint_tensors(checkpoint, names),
-        job.model,
-        job.moe,
-        out_dir,
-        base_config=base,
-        dtype=dtype,
-        max_shard_bytes=max_shard_bytes,
+    with tempfile.TemporaryDirectory() as scratch:
+        return write_hf(
+            checkpoint_tensors(checkpoint, names),
+            job.model,
+            job.moe,
+            out_dir,
+            base_config=base,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            tokenizer_from=export_tokenizer_folder(checkpoint, job, Path(scratch)),
+        )
+
+
+def export_tokenizer_folder(checkpoint: Path, job: JobConfig, scratch: Path) -> Path | None:
+    """Where the exported model's tokenizer files come from: the checkpoint's own (converted
+    from HF), data.tokenizer, or the BPE the run's text source trained (written to `scratch`
+    as tokenizer.json + tokenizer_config.json for AutoTokenizer); None for synthetic ids."""
+    from moefold.data import load_tokenizer, write_pretrained_files
+
+    if (checkpoint / "tokenizer" / "tokenizer.json").is_file():
+        return checkpoint / "tokenizer"
+    if job.data.tokenizer:
+        folder = Path(job.data.tokenizer)
+        return folder.parent if folder.is_file() else folder
+    if (checkpoint / HF_CONFIG_SIDECAR).is_file():
+        return None  # converted without tokenizer files: the corpus BPE is not its tokenizer
+    try:
+        tokenizer = load_tokenizer(job.data, job.model.vocab_size)
+    except ConfigError as error:  # e.g. the corpus moved: the weights still export
+        warnings.warn(f"no tokenizer exported: {error}", stacklevel=2)
+        return None
+    if tokenizer is None:
+        return None
+    write_pretrained_files(tokenizer, scratch)
+    return scratch
+
+
+def finetune_job(job: JobConfig, tokenizer: Path) -> JobConfig:
+    """A converted or upcycled model's config: its tokenizer, and fine-tuning defaults that
+    train under any small --nproc (lr 1e-4, as in scripts/upcycle_demo.py; micro-batch 1 so
+    global_batch=8 splits over dp = 1, 2, 4 or 8)."""
+    train = dataclasses.replace(
+        job.train, lr=1e-4, warmup_steps=10, global_batch=8, micro_batch=1, steps=100
     )
+    data = dataclasses.replace(job.data, tokenizer=str(tokenizer))
+    return dataclasses.replace(job, train=train, data=data)

@@ -24,6 +24,7 @@ import logging
 import torch
 
 from moefold.config import ModelConfig, MoEConfig
+from moefold.interop.hf_config_check import check_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +124,17 @@ def _moe_from_hf(hf: dict, family: str, num_layers: int) -> MoEConfig:
 
 
 def config_from_hf(hf: dict) -> tuple[ModelConfig, MoEConfig]:
-    """moefold model and MoE configs equivalent to a transformers config.json dict."""
-    family = hf.get("model_type")
-    if family not in FAMILIES:
+    """moefold model and MoE configs equivalent to a transformers config.json dict.
+
+    Raises ValueError naming the field when it is missing, mistyped, out of sane bounds
+    (hf_config_check) or describes a model moefold cannot hold.
+    """
+    family = hf.get("model_type") if isinstance(hf, dict) else None
+    if not isinstance(family, str) or family not in FAMILIES:
         raise _unsupported(
             "model_type", f"{family!r} is not supported; moefold reads {', '.join(FAMILIES)}"
         )
+    check_hf_config(hf)
     _check_supported(hf, family)
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hidden // heads

@@ -7,7 +7,7 @@ Two compute paths with identical results:
 - the per-expert loop with a hand-written backward (model/expert_loop.py, default on CPU):
   weight gradients written in place, only the pre-activations kept. (Indexing `w[i]` under
   autograd would zero-fill a full-size gradient per expert, about 1 s per step on the
-  paper-size layer, shared/BASELINES.md; autograd over `unbind` views stacks a copy);
+  paper-size layer; autograd over `unbind` views stacks a copy: docs/decisions.md);
 - `torch.nn.functional.grouped_mm` (default on CUDA, and on CPU for small experts and for
   native bf16 products: see `cpu_runs_grouped_mm`).
 `loop_reference` is the plain reference that tests compare both against.
@@ -34,12 +34,13 @@ from moefold.model.gemm import GemmDtypes, upcasts_bf16
 # GEMM advantage. Measured fwd+bwd of 8 experts (2 threads, Xeon with AVX-512, torch 2.13;
 # grouped_mm / loop): hidden 128 x ffn 256 0.78, 256 x 512 0.92, 512 x 256 with 64 experts
 # 0.77; 1024 x 512 0.99, 1024 x 1024 1.04, 1024 x 3584 0.97-1.07 (the paper-size layer, where
-# BASELINES.md also has the loop ahead). End to end, tiny-moe (128 x 256) trains 23% faster.
+# the loop is also ahead among the plain-PyTorch baselines). End to end, tiny-moe (128 x 256)
+# trains 23% faster.
 CPU_GROUPED_MM_MAX_WEIGHTS = 2**18
 # Experts of any size take grouped_mm on CPU where their products run as native bf16 GEMMs
 # (oneDNN on a CPU with bf16 units; not where bf16 is upcast to fp32 GEMMs). Measured on an AMD
-# EPYC with avx512_bf16, loop time / grouped_mm time, paired steps (docs/decisions.md,
-# 2026-12-06): paper-size layer 1.016 and 1.036 at 2 threads, 1.026 at the 1-thread ep 2 shape;
+# EPYC with avx512_bf16, loop time / grouped_mm time, paired steps (docs/decisions.md):
+# paper-size layer 1.016 and 1.036 at 2 threads, 1.026 at the 1-thread ep 2 shape;
 # cpu-moe-1024 bf16 training steps 1.044. In fp32 the loop stays (training 0.983).
 
 

@@ -95,7 +95,7 @@ def upcasts_bf16(device: torch.device, mode: str) -> bool:
 # tiny-moe (hidden 128) 306-430 ms a step with fp32 GEMMs against 480-610 ms native; the
 # hidden-1024 preset is far faster native (bf16 GEMMs at ~4x the fp32 rate). At small widths
 # every op is short, so autocast's per-op casts and the bf16 kernels' fixed costs outweigh the
-# faster multiply-adds; see docs/decisions.md (2026-12-03) for the crossover figures.
+# faster multiply-adds; see docs/decisions.md (Performance on CPU).
 SMALL_CPU_MODEL_HIDDEN = 512
 
 

@@ -70,7 +70,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         probs_TK, expert_ids_TK = self.router(x_TD, num_sequences=B)
         rows_RD, probs_R, tokens_per_expert_e, plan = self.dispatcher.dispatch(
-            x_TD, probs_TK, expert_ids_TK
+            x_TD, probs_TK, expert_ids_TK, num_sequences=B
         )
         expert_out_RD = self.experts(rows_RD, probs_R, tokens_per_expert_e)
         out_TD = self.dispatcher.combine(expert_out_RD, plan).to(x_BSD.dtype)

@@ -329,6 +329,46 @@ def all_reduce_sum_(
     return x
 
 
+@torch.no_grad()
+def all_to_all_blocks(
+    x: torch.Tensor,
+    group: ProcessGroup,
+    *,
+    family: str,
+    stats: CommStats | None = None,
+    async_op: bool = False,
+) -> tuple[torch.Tensor, dist.Work | None]:
+    """Equal blocks along dim 0 without autograd: block j of `x` [n * m, ...] goes to rank j.
+
+    Returns (out [n * m, ...], the blocks received from ranks 0..n-1 in rank order; the
+    collective's work handle when `async_op`, else None). `out` is only valid after wait().
+    Any dtype gloo sends (uint8 for compressed gradients). Communicates on `group`.
+    """
+    _check_family(family)
+    n = group.size()
+    if x.size(0) % n != 0:
+        raise ValueError(f"all_to_all_blocks: x.size(0)={x.size(0)} is not a multiple of {n}")
+    if n == 1:
+        return x, None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    work = dist.all_to_all_single(out, x, group=group, async_op=async_op)
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    _record(stats, family, row_bytes * (x.size(0) - x.size(0) // n))
+    return out, work
+
+
+@torch.no_grad()
+def all_gather_blocks(
+    x: torch.Tensor, group: ProcessGroup, *, family: str, stats: CommStats | None = None
+) -> torch.Tensor:
+    """[m, ...] -> [n * m, ...], every rank's block in rank order, without autograd."""
+    _check_family(family)
+    if group.size() == 1:
+        return x
+    return _gather_rows(x, None, group, family, stats)
+
+
 # --- raw collectives on dim 0 (no autograd; record bytes) --------------------------------
 
 

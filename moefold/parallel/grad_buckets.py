@@ -15,6 +15,10 @@ final its collective is launched with async_op=True while backward goes on. Earl
 micro-batches never reduce. `finish` launches what the hooks did not (a gradient that never
 arrived is reduced as zeros, so every rank issues the same collectives) and waits for all.
 
+With `parallel.grad_compression = "bytegrad"` a bucket's collective is the compressed sum of
+moefold/parallel/compressed_reduce.py: launch quantises and starts its all-to-all (async),
+wait finishes it (the all-gather of the re-quantised sums, or for ZeRO-1 nothing more).
+
 Order: collectives on one process group must be issued in the same order on every rank, and
 families can share a group (all are WORLD at dp = world size), so buckets launch strictly in
 planned order; a ready bucket waits for the earlier ones. Hooks run in the autograd engine's
@@ -66,25 +70,40 @@ def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 
 class AllReduceBucket:
-    """Gradients summed over a family's group in one flat all-reduce. The buffer holds the
-    only copy while in flight; afterwards each parameter's .grad is a view of it."""
+    """Gradients summed over a family's group in one flat all-reduce (or, with a
+    `compressor`, its ByteGrad sum). The buffer holds the only copy while in flight;
+    afterwards each parameter's .grad is a view of it."""
 
-    def __init__(self, params: list[nn.Parameter], group_name: str, groups: ParallelGroups):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        group_name: str,
+        groups: ParallelGroups,
+        compressor=None,
+    ):
         self.params, self.family = params, _stats_family(group_name)
         self.group, self.size = groups.group(group_name), groups.size(group_name)
-        self.stats = groups.comm_stats
+        self.stats, self.compressor = groups.comm_stats, compressor
         self.flat: torch.Tensor | None = None
-        self.work = None
+        self.work = self.pending = None
 
     def launch(self) -> None:
         self.flat = _flatten_dense_tensors(_grads(self.params))
         for param in self.params:
             param.grad = None
+        if self.compressor is not None:  # in flight: 1-byte codes; the fp32 copy is dropped
+            self.dtype, self.pending = self.flat.dtype, self.compressor.start(self.flat)
+            self.flat = None
+            return
         self.stats.add_all_reduce(self.family, self.flat, self.size)
         self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
 
     def wait(self) -> None:
-        self.work.wait()
+        if self.pending is not None:
+            self.flat = self.compressor.all_reduce(self.pending).to(self.dtype)
+            self.pending = None
+        else:
+            self.work.wait()
         for param, grad in zip(self.params, _unflatten_dense_tensors(self.flat, self.params)):
             param.grad = grad
         self.flat = self.work = None
@@ -101,12 +120,13 @@ class ReduceScatterBucket:
         group_name: str,
         groups: ParallelGroups,
         out: torch.Tensor,
+        compressor=None,
     ):
         self.params, self.family, self.out = params, _stats_family(group_name), out
         self.group, self.size = groups.group(group_name), groups.size(group_name)
-        self.stats = groups.comm_stats
+        self.stats, self.compressor = groups.comm_stats, compressor
         self.flat: torch.Tensor | None = None
-        self.work = None
+        self.work = self.pending = None
 
     def launch(self) -> None:
         flat = padded_flat(_grads(self.params), self.out.numel() * self.size).float()
@@ -115,11 +135,17 @@ class ReduceScatterBucket:
         if self.size == 1:
             self.out.copy_(flat)
             return
+        if self.compressor is not None:
+            self.pending = self.compressor.start(flat)
+            return
         self.stats.add(self.family, (self.size - 1) * self.out.numel() * self.out.element_size())
         self.flat = flat  # kept alive until the collective is done
         self.work = dist.reduce_scatter_tensor(self.out, flat, group=self.group, async_op=True)
 
     def wait(self) -> None:
+        if self.pending is not None:
+            self.out.copy_(self.compressor.reduce_scatter(self.pending))
+            self.pending = None
         if self.work is not None:
             self.work.wait()
         self.flat = self.work = None

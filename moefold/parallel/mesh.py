@@ -10,6 +10,7 @@ and the expert DeviceMesh (pp, edp, ep, etp) cover the same ranks; derived multi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,8 +70,15 @@ class ParallelGroups:
         dist.barrier()
 
 
-def build_parallel_groups(layout: ParallelLayout, device_type: str = "cpu") -> ParallelGroups:
-    """Collective over the default process group: every rank calls it in the same order."""
+def build_parallel_groups(
+    layout: ParallelLayout, device_type: str = "cpu", timeout: timedelta | None = None
+) -> ParallelGroups:
+    """Collective over the default process group: every rank calls it in the same order.
+
+    `timeout` (parallel.timeout_s) bounds the collectives of the derived groups; torch would
+    give each new group its backend's default (30 min on gloo), not the default group's. The
+    DeviceMeshes' own groups carry no collectives (DTensor views for DCP only).
+    """
     if not dist.is_initialized():
         raise RuntimeError("build_parallel_groups needs torch.distributed to be initialised")
     if dist.get_world_size() != layout.world_size:
@@ -90,13 +98,46 @@ def build_parallel_groups(layout: ParallelLayout, device_type: str = "cpu") -> P
     )
     groups = {}
     for family, (view, axes) in GROUP_FAMILIES.items():
-        groups[family] = _subgroup(layout, view, axes)
+        groups[family] = _enumerated(layout.groups(axes, view), timeout)
     return ParallelGroups(layout, rank, dense_mesh, expert_mesh, groups, CommStats())
 
 
-def _subgroup(layout: ParallelLayout, view: str, axes: tuple[str, ...]) -> dist.ProcessGroup:
-    enumeration = layout.groups(axes, view)
+def build_node_groups(
+    groups: ParallelGroups, family: str, node_size: int
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Split this rank's `family` group (e.g. "dp_cp") by node, for hierarchical reductions.
+
+    Nodes hold `node_size` consecutive global ranks (the launcher's order). Returns (the
+    group's members on this rank's node, the members at the same position on every node).
+    Collective over the default group: every rank calls it with the same arguments.
+    """
+    view, axes = GROUP_FAMILIES[family]
+    inside, across = [], []
+    for members in groups.layout.groups(axes, view):
+        by_node: dict[int, list[int]] = {}
+        for rank in sorted(members):
+            by_node.setdefault(rank // node_size, []).append(rank)
+        parts = list(by_node.values())
+        if len({len(part) for part in parts}) != 1:
+            raise ValueError(
+                f"parallel.grad_compression_node_size={node_size}: the {family} group "
+                f"{sorted(members)} has unequal numbers of ranks on its nodes; pick a node "
+                "size that splits every data-parallel group evenly, or turn off "
+                "parallel.grad_compression_hierarchical"
+            )
+        inside += parts
+        across += [list(column) for column in zip(*parts)]
+    return _enumerated(inside), _enumerated(across)
+
+
+def _enumerated(
+    enumeration: list[list[int]], timeout: timedelta | None = None
+) -> dist.ProcessGroup:
     if len(enumeration) == 1 and len(enumeration[0]) == dist.get_world_size():
         return dist.group.WORLD
-    group, _ = dist.new_subgroups_by_enumeration(enumeration)
+    group, _ = dist.new_subgroups_by_enumeration(enumeration, timeout=timeout)
     return group
+
+
+def _subgroup(layout: ParallelLayout, view: str, axes: tuple[str, ...]) -> dist.ProcessGroup:
+    return _enumerated(layout.groups(axes, view))

@@ -21,6 +21,10 @@ per (family, decay) group) after backward, or, with `parallel.overlap_grad_reduc
 `parallel.grad_bucket_mb` launched during the step's last backward. Under ZeRO-1 every bucket
 is reduce-scattered on its own, so this rank's master slice is the concatenation of its 1/n
 slice of each bucket of the group (one bucket: one contiguous 1/n slice).
+
+`parallel.grad_compression = "bytegrad"` replaces each bucket's collective by its 8-bit
+compressed sum (moefold/parallel/compressed_reduce.py). Under ZeRO-1 only the gradient
+reduce-scatter is compressed: the all-gather of the updated parameters stays in full precision.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moefold.config import ParallelConfig, TrainConfig
+from moefold.parallel.compressed_reduce import build_grad_compressors
 from moefold.parallel.data_parallel import (
     DISTINCT_GROUP,
     REDUCE_GROUP,
@@ -86,8 +91,10 @@ class ReplicatedAdamW:
         groups: ParallelGroups,
         bucket_bytes: float | None = None,
         backwards_per_step: int = 1,
+        compressors: dict | None = None,
     ) -> None:
         self.model, self.groups = model, groups
+        compressors = compressors or {}
         self.named = list(model.named_parameters())
         reduced = [
             (n, p)
@@ -96,10 +103,11 @@ class ReplicatedAdamW:
         ]
         families = [parameter_family(p) for _, p in reduced]
         plan = plan_buckets(_nbytes(reduced), families, bucket_bytes or math.inf)
-        buckets = [
-            AllReduceBucket([reduced[i][1] for i in b], REDUCE_GROUP[families[b[0]]], groups)
-            for b in plan
-        ]
+        buckets = []
+        for b in plan:
+            group_name = REDUCE_GROUP[families[b[0]]]
+            params = [reduced[i][1] for i in b]
+            buckets.append(AllReduceBucket(params, group_name, groups, compressors.get(group_name)))
         self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
         decay = [p for n, p in self.named if decays(n, p)]
         no_decay = [p for n, p in self.named if not decays(n, p)]
@@ -212,13 +220,15 @@ class _FlatShard:
             first += shard
         return out
 
-    def reduce_scatter_buckets(self, groups: ParallelGroups) -> list[ReduceScatterBucket]:
+    def reduce_scatter_buckets(
+        self, groups: ParallelGroups, compressor=None
+    ) -> list[ReduceScatterBucket]:
         """One bucket per slice of the master gradient, in this shard's bucket order."""
         out, first = [], 0
         for bucket, shard in zip(self.buckets, self.shard_numels):
             params = [self.named[i][1] for i in bucket]
             view = self.grad_buffer[first : first + shard]
-            out.append(ReduceScatterBucket(params, self.group_name, groups, view))
+            out.append(ReduceScatterBucket(params, self.group_name, groups, view, compressor))
             first += shard
         return out
 
@@ -242,8 +252,10 @@ class ShardedAdamW:
         groups: ParallelGroups,
         bucket_bytes: float | None = None,
         backwards_per_step: int = 1,
+        compressors: dict | None = None,
     ) -> None:
         self.model, self.groups = model, groups
+        compressors = compressors or {}
         named = list(model.named_parameters())
         keys = [(parameter_family(p), decays(n, p)) for n, p in named]
         plan = plan_buckets(_nbytes(named), keys, bucket_bytes or math.inf)
@@ -256,7 +268,9 @@ class ShardedAdamW:
                     members = [named[i] for b in mine for i in b]
                     shard = _FlatShard(members, [len(b) for b in mine], group_name, groups)
                     self.shards.append((shard, with_decay))
-                    by_key[family, with_decay] = shard.reduce_scatter_buckets(groups)
+                    by_key[family, with_decay] = shard.reduce_scatter_buckets(
+                        groups, compressors.get(group_name)
+                    )
         # every bucket in plan order: the order of launch on every rank
         buckets = [by_key[keys[b[0]]].pop(0) for b in plan]
         self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
@@ -362,4 +376,10 @@ def build_optimizer(
     step (its micro-batches), after the last of which a gradient is final."""
     bucket_bytes = parallel.grad_bucket_mb * 2**20 if parallel.overlap_grad_reduce else None
     cls = ShardedAdamW if parallel.distributed_optimizer else ReplicatedAdamW
-    return cls(model, cfg, groups, bucket_bytes, backwards_per_step)
+    compressors = None
+    if parallel.grad_compression == "bytegrad":
+        hierarchical = parallel.grad_compression_hierarchical
+        node_size = parallel.grad_compression_node_size if hierarchical else 0
+        names = [name for name in dict.fromkeys(REDUCE_GROUP.values()) if groups.size(name) > 1]
+        compressors = build_grad_compressors(groups, names, node_size)
+    return cls(model, cfg, groups, bucket_bytes, backwards_per_step, compressors)

@@ -21,7 +21,7 @@ from moefold.config import ConfigError, load_job
 from moefold.plan.cost import FAMILIES, Candidate, Estimate, Workload
 from moefold.plan.hardware import GIB, Device, device_names, get_device
 from moefold.plan.memory import MEMORY_KINDS
-from moefold.plan.search import Plan, plan
+from moefold.plan.search import Plan, estimate_candidate, plan
 
 SCHEMA = "moefold.plan/1"
 TIME_KEYS = ("compute", *FAMILIES, "bubble", "optimizer", "total")
@@ -46,8 +46,18 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=device_names(),
         help="device; 'cpu' measures this machine once (cached)",
     )
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the config's")
-    parser.add_argument("--global-batch", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, >= 1 (default: the config's)",
+    )
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="sequences per step, >= 1 (default: the config's)",
+    )
     parser.add_argument(
         "--nodes-of",
         type=int,
@@ -79,12 +89,19 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         if args.capacity_factor <= 0:
             raise ConfigError("--capacity-factor: must be > 0; use --dropless for no capacity")
         moe = dataclasses.replace(moe, capacity_factor=args.capacity_factor)
-    seq_len = args.seq_len or job.train.seq_len
-    global_batch = args.global_batch or job.train.global_batch
-    if seq_len < 1 or global_batch < 1:
-        raise ConfigError("--seq-len and --global-batch: must be >= 1")
+    # An explicit 0 is a mistake to report, never "use the config's value".
+    for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}; leave it out for the config's")
+    seq_len = job.train.seq_len if args.seq_len is None else args.seq_len
+    global_batch = job.train.global_batch if args.global_batch is None else args.global_batch
     return Workload(
-        model=job.model, moe=moe, seq_len=seq_len, global_batch=global_batch, dtype=job.train.dtype
+        model=job.model,
+        moe=moe,
+        seq_len=seq_len,
+        global_batch=global_batch,
+        dtype=job.train.dtype,
+        grad_compression=job.parallel.grad_compression,
     )
 
 
@@ -94,6 +111,10 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--gpus: must be >= 1")
     if args.top < 1:
         raise ConfigError("--top: must be >= 1")
+    if args.nodes_of is not None and args.nodes_of < 1:  # not "use the default"
+        raise ConfigError(
+            f"--nodes-of: must be >= 1, got {args.nodes_of}; leave it out for the default"
+        )
     w = workload_from_args(args)
     dtype = torch.bfloat16 if w.dtype == "bf16" else torch.float32
     nodes_of = args.nodes_of
@@ -129,7 +150,26 @@ def run_plan(args: argparse.Namespace) -> int:
         print()
     else:
         print(format_table(document))
+        if w.grad_compression == "bytegrad" and result.ranked:
+            print(bytegrad_note(w, args.gpus, device, result.ranked[0], nodes_of))
     return 0
+
+
+def bytegrad_note(w: Workload, gpus: int, device: Device, e: Estimate, nodes_of: int) -> str:
+    """Whether ByteGrad pays on layout `e`: its dp + edp bytes and exposed seconds against the
+    same layout reducing in full precision (quantise cost included)."""
+    uncompressed = dataclasses.replace(w, grad_compression="none")
+    full = estimate_candidate(uncompressed, gpus, device, e.candidate, nodes_of=nodes_of)
+    seconds = [x.time["dp"] + x.time["edp"] for x in (e, full)]
+    mib = [(x.comm_bytes["dp"] + x.comm_bytes["edp"]) / 2**20 for x in (e, full)]
+    verdict = "it pays" if seconds[0] < seconds[1] else "it does not pay"
+    if max(seconds) < 1e-6:
+        verdict = "nothing to gain: the reductions hide behind compute either way"
+    return (
+        f"grad_compression=bytegrad on the first layout: dp+edp {mib[0]:.1f} MiB and "
+        f"{seconds[0] * 1e3:.2f} ms exposed per step (quantising included) vs {mib[1]:.1f} MiB "
+        f"and {seconds[1] * 1e3:.2f} ms in full precision: {verdict}"
+    )
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -143,7 +183,41 @@ def overrides_for(c: Candidate) -> list[str]:
     out += [f"train.micro_batch={c.micro_batch}"]
     if c.distributed_optimizer:
         out += ["parallel.distributed_optimizer=true"]
+    if c.recompute:
+        out += ["train.recompute=full"]
     return out
+
+
+def launch_command(document: dict) -> str:
+    """The torchrun command that trains the first layout as planned: world size, nodes and
+    processes per node, the plan's model overrides, step shape and capacity, and the layout.
+
+    One node: --standalone. Several: a c10d rendezvous at $MASTER_ADDR:29500 (docs/cluster.md);
+    the same command runs on every node."""
+    q = document["query"]
+    gpus, per_node = q["gpus"], min(q["nodes_of"], q["gpus"])
+    if gpus % per_node:
+        per_node = next(n for n in range(per_node, 0, -1) if gpus % n == 0)
+    nodes = gpus // per_node
+    if nodes == 1:
+        launcher = f"torchrun --standalone --nproc-per-node {per_node}"
+    else:
+        launcher = (
+            f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
+            "--rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $RUN_ID"
+        )
+    cf = q["capacity_factor"]
+    sets = [
+        *q["overrides"],
+        f"train.seq_len={q['seq_len']}",
+        f"train.global_batch={q['global_batch']}",
+        f"moe.capacity_factor={'none' if cf is None else cf}",
+        *(["moe.pad_to_capacity=false"] if cf is None else []),
+        *document["layouts"][0]["set"],
+    ]
+    return f"{launcher} -m moefold train --config {q['model']} " + " ".join(
+        f"--set {s}" for s in sets
+    )
 
 
 def layout_entry(rank: int, e: Estimate) -> dict[str, Any]:
@@ -236,10 +310,6 @@ def format_table(document: dict) -> str:
             _row(document["without_folding"]),
         ]
     if document["layouts"]:
-        lines.append(
-            "train the first with: moefold train --config "
-            + q["model"]
-            + " "
-            + " ".join(f"--set {s}" for s in document["layouts"][0]["set"])
-        )
+        lines.append("train the first with (docs/cluster.md for several nodes):")
+        lines.append("  " + launch_command(document))
     return "\n".join(lines)

@@ -95,6 +95,7 @@ class Workload:
     seq_len: int
     global_batch: int
     dtype: str = "bf16"  # "bf16": bf16 weights + fp32 main grads/master (Megatron); or "fp32"
+    grad_compression: str = "none"  # "bytegrad": 8-bit dp/edp gradient reduction
 
     @property
     def act_bytes(self) -> int:
@@ -350,6 +351,10 @@ def head_cost(w: Workload, c: Candidate, topo: Topology, device: Device) -> Laye
 # ---- the step ----------------------------------------------------------------------------------
 
 OPTIMIZER_BYTES = 32  # bytes read + written per parameter of the optimizer shard (Adam)
+# ByteGrad: memory traffic per gradient element of its quantise / dequantise passes (read for
+# min/max 4, quantise 4 + 1, dequantise and sum the received copies 1 + 4, dequantise the
+# gathered sums 1 + 4); ZeRO-1 skips the last pass.
+BYTEGRAD_PASS_BYTES, BYTEGRAD_PASS_BYTES_ZERO1 = 19, 14
 
 
 @dataclass(frozen=True)
@@ -514,15 +519,20 @@ class CostModel:
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) grads."""
         weight, grad, _ = param_bytes(self.w.dtype)
-        reduce_time, gather_time, sent = {}, {}, {}
+        reduce_time, gather_time, sent, quantise = {}, {}, {}, {}
         for family, count in (("dp", rc.params.dense), ("edp", rc.params.expert)):
             span = getattr(topo, family)
             share = (span.size - 1) / span.size
-            if c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
-                grads, weights = share * count * grad, share * count * weight
+            weights = share * count * weight if c.distributed_optimizer else 0.0
+            quantise[family] = 0.0
+            if self.w.grad_compression == "bytegrad" and span.size > 1:
+                grads, reduce_time[family], quantise[family] = self._bytegrad(c, span, count)
+            elif c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
+                grads = share * count * grad
+                reduce_time[family] = collective_time(grads, span, self.device, 1)
             else:  # all-reduce grads
-                grads, weights = 2 * share * count * grad, 0.0
-            reduce_time[family] = collective_time(grads, span, self.device, 1)
+                grads = 2 * share * count * grad
+                reduce_time[family] = collective_time(grads, span, self.device, 1)
             gather_time[family] = collective_time(weights, span, self.device, 1)
             sent[family] = grads + weights
         exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
@@ -531,7 +541,24 @@ class CostModel:
             hidden += min(sum(gather_time.values()), rc.cost.compute / 3)
             total = sum(exposed.values()) or 1.0
             exposed = {f: exposed[f] * (1 - hidden / total) for f in exposed}
-        return exposed, sent
+        # quantising runs on the compute stream: never hidden behind it
+        return {f: exposed[f] + quantise[f] for f in exposed}, sent
+
+    def _bytegrad(self, c: Candidate, span: GroupSpan, count: float) -> tuple[float, ...]:
+        """(bytes sent, collective seconds, quantise seconds) of one family's ByteGrad
+        reduction of `count` gradients: an all-to-all of 1-byte codes, then (not under
+        ZeRO-1, whose parameter all-gather stays full precision) an all-gather of the
+        re-quantised sums. The 8-byte min/max per chunk is negligible and left out. The
+        all-to-all of equal chunks moves a reduce-scatter's bytes with no count exchange or
+        host sync, so it is timed as a ring collective, not with the dispatcher's fitted
+        all-to-all efficiency."""
+        codes = (span.size - 1) / span.size * count
+        seconds = collective_time(codes, span, self.device, 1)
+        passes = BYTEGRAD_PASS_BYTES_ZERO1 if c.distributed_optimizer else BYTEGRAD_PASS_BYTES
+        if not c.distributed_optimizer:
+            seconds += collective_time(codes, span, self.device, 1)
+            codes *= 2
+        return codes, seconds, count * passes / self.device.memory_bandwidth
 
     def estimate(
         self, c: Candidate, topo: Topology, *, always: bool = False, memory: dict | None = None

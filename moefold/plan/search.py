@@ -241,6 +241,9 @@ def plan(
     - on devices that overlap communication (GPUs), any vpp below the largest that fits with
       the same recompute setting: a larger vpp only shrinks the bubble, and interleaved
       transfers are hidden. On CPU every vpp is estimated (moefold's transfers block).
+    With ByteGrad the distributed optimizer is no longer free of cost (its parameter
+    all-gather stays full precision while the replicated one gathers 1-byte codes), so each
+    fitting candidate is also estimated with it off, and the faster of the two is kept.
     """
     model = CostModel(w, device)
     fitting, counts = [], [0, 0]  # legal candidates, estimates made
@@ -255,6 +258,8 @@ def plan(
         else:
             for base in group:
                 fitting += _largest_fitting_vpp(model, [base], topo, counts)
+    if w.grad_compression == "bytegrad":
+        fitting = [_faster_replicated(model, e, world_size, nodes_of, counts) for e in fitting]
     fitting.sort(key=lambda e: (e.step_time, e.candidate))
     return Plan(
         ranked=fitting[:top] if top else fitting,
@@ -262,6 +267,27 @@ def plan(
         num_evaluated=counts[1],
         num_fitting=len(fitting),
     )
+
+
+def _faster_replicated(
+    model: CostModel, e: Estimate, world_size: int, nodes_of: int, counts: list[int]
+) -> Estimate:
+    """`e`, or its candidate with the distributed optimizer off where that fits and is faster."""
+    c = replace(e.candidate, distributed_optimizer=False)
+    counts[1] += 1
+    other = model.estimate(c, _topology_of(c, world_size, nodes_of))
+    return other if other.fits and other.step_time < e.step_time else e
+
+
+def _topology_of(c: Candidate, world_size: int, nodes_of: int) -> Topology:
+    return topology(world_size, c.tp, c.cp, c.pp, c.ep, c.etp, c.folded, nodes_of)
+
+
+def estimate_candidate(
+    w: Workload, world_size: int, device: Device, c: Candidate, *, nodes_of: int
+) -> Estimate:
+    """One candidate's estimate under `w` (fitting or not), e.g. to compare two workloads."""
+    return CostModel(w, device).estimate(c, _topology_of(c, world_size, nodes_of), always=True)
 
 
 def _largest_fitting_vpp(

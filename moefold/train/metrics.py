@@ -1,17 +1,25 @@
 """Per-step metrics: one JSON object per optimizer step in OUT/metrics.jsonl, a progress bar,
-and TensorBoard events when `tensorboard` is installed. Only the logging rank writes."""
+and TensorBoard events when `tensorboard` is installed. Only the logging rank writes.
+
+Rows are strict JSON (RFC 8259 has no NaN or Infinity): a non-finite number is written as null
+and its key (dotted for nested values, e.g. "dropped_frac.1") listed in the row's "nonfinite".
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from moefold.errors import RunFolderError
+from moefold.safe_io import atomic_write_text, describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +56,20 @@ class MetricsWriter:
         for line in self.path.read_text().splitlines():
             if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(row + "\n" for row in kept))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(row + "\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row, sort_keys=False) + "\n")
+        line = json.dumps(strict_json_row(row), allow_nan=False) + "\n"
+        # One write of a whole line on an O_APPEND descriptor: a crash leaves whole rows only.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        except OSError as error:
+            raise RunFolderError(describe_os_error(self.path, error)) from error
+        finally:
+            os.close(fd)
         if self._tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and math.isfinite(value) and key != "step":
@@ -65,6 +78,26 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with non-finite floats as None and their keys listed under "nonfinite"."""
+    flagged: list[str] = []
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            flagged.append(key)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{key}.{i}") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(row, "")
+    if flagged:
+        cleaned["nonfinite"] = flagged
+    return cleaned
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moefold.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
     check_model_config,
     find_resume_checkpoint,
@@ -28,14 +29,18 @@ from moefold.checkpoint import (
     load_checkpoint,
     resolve_init_checkpoint,
     save_checkpoint,
+    step_was_finite,
 )
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
+from moefold.errors import CheckpointRefused, NonFiniteError
 from moefold.model.gemm import resolve_bf16_gemm, upcasts_bf16
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
+from moefold.safe_io import atomic_write_text
 from moefold.schedules import StageShapes
+from moefold.train.loggers import ExperimentLoggers
 from moefold.train.lr_schedule import lr_at
 from moefold.train.metrics import (
     MetricsWriter,
@@ -45,6 +50,7 @@ from moefold.train.metrics import (
     step_router_losses,
 )
 from moefold.train.peak import device_peak_flops
+from moefold.train.progress import Progress, emit, summarize
 from moefold.train.step_runner import LocalRunner, PipelineRunner
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,7 @@ class Trainer:
         self.runner = self._build_runner(stages)
         self.step = 0
         self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0  # consecutive skipped steps (train.max_skipped_steps)
         self.tokens_per_step = train.global_batch * train.seq_len
         self.flops_per_step = (
             flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
@@ -129,7 +136,7 @@ class Trainer:
             self.groups,
             self.job.parallel.pp_schedule,
             self.num_microbatches // self.groups.size("dp"),
-            train.eval_batches // self.groups.size("dp"),
+            train.eval_batches_for(self.groups.size("dp")) // self.groups.size("dp"),
             self.shard_batch,
             self.autocast,
             self.loss_scale,
@@ -180,12 +187,14 @@ class Trainer:
 
         A non-finite loss or gradient norm (the norm is global, so every rank agrees) never
         reaches the weights: the step is skipped (train.nonfinite='skip', counted in
-        `skipped_steps`) or the run saves the last good state and stops ('stop').
+        `skipped_steps`) or the run stops ('stop', or too many skips in a row) without saving:
+        the weights that produced a NaN are not a state worth keeping.
         """
         grad_norm = self.clip_gradients()
         if not self._finite(grad_norm, loss_sum):
             self.handle_nonfinite(grad_norm)
         else:
+            self.nonfinite_in_a_row = 0
             self.optimizer.step(lr_at(self.step, self.job.train))
             self.update_expert_bias()
         self.step += 1
@@ -206,15 +215,24 @@ class Trainer:
     def handle_nonfinite(self, grad_norm: torch.Tensor) -> None:
         self.optimizer.zero_grad()
         self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
         train = self.job.train
-        if train.nonfinite == "stop" or self.skipped_steps > train.max_skipped_steps:
-            self.save()
-            raise FloatingPointError(
-                f"step {self.step + 1}: non-finite loss or gradient norm ({float(grad_norm)}); "
-                f"saved the last good state to {self.checkpoint_root} "
-                f"(skipped {self.skipped_steps} steps; train.nonfinite={train.nonfinite})"
+        if train.nonfinite == "stop" or self.nonfinite_in_a_row > train.max_skipped_steps:
+            raise self.nonfinite_error(
+                f"step {self.step + 1}: non-finite loss or gradient norm ({float(grad_norm)}) "
+                f"({self.nonfinite_in_a_row} in a row; train.nonfinite={train.nonfinite}, "
+                f"train.max_skipped_steps={train.max_skipped_steps})"
             )
-        logger.warning("step %d: non-finite gradient norm, step skipped", self.step + 1)
+        logger.warning("step %d: non-finite loss or gradient norm, step skipped", self.step + 1)
+
+    def nonfinite_error(self, what: str) -> NonFiniteError:
+        """The stop message: nothing was saved; where the newest good state is."""
+        good = [p for p in list_checkpoints(self.checkpoint_root) if step_was_finite(p)]
+        where = f"the newest good checkpoint is {good[-1]}" if good else "no checkpoint was kept"
+        return NonFiniteError(
+            f"{what}; stopped without saving (these weights produce non-finite values); {where}"
+            " (lower train.lr or tighten train.grad_clip, then resume from it)"
+        )
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip by the global norm, which counts every gradient shard exactly once."""
@@ -279,22 +297,24 @@ class Trainer:
         """Mean validation loss over train.eval_batches fixed micro-batches (split over dp)."""
         self.model.eval()
         train = self.job.train
+        num_batches = train.eval_batches_for(self.groups.size("dp"))
         batches = eval_batches(
             self.val_data,
             train.micro_batch,
-            train.eval_batches,
+            num_batches,
             self.groups.coord("dp"),
             self.groups.size("dp"),
         )
         total = self.sum_over_model(self.runner.evaluate(batches))
         self.model.train()
-        return float(total) / (train.eval_batches * self.groups.size("tp_cp"))
+        return float(total) / (num_batches * self.groups.size("tp_cp"))
 
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "loader": self.loader.state_dict(),
+            "finite": self.nonfinite_in_a_row == 0,  # this step's loss and grad norm
         }
 
     def save(self) -> Path:
@@ -327,12 +347,13 @@ class Trainer:
             try:
                 state = load_checkpoint(path, self.model, self.optimizer, self.groups)
             except CheckpointError as error:
-                if resume != "auto":
-                    raise
-                print0(self.groups.is_logging_rank, f"moefold: {error}; trying an older one")
+                if resume != "auto" or isinstance(error, CheckpointRefused):
+                    raise  # a crafted file stops the run: someone tampered with the folder
+                logger.warning("%s; trying an older checkpoint", error)
                 continue
             self.step = int(state["step"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.nonfinite_in_a_row = 0 if state.get("finite", True) else 1
             self.loader.load_state_dict(state["loader"])
             return path
         return None
@@ -359,10 +380,23 @@ class Trainer:
             start = f"weights from {initialised}"
         else:
             start = "from scratch"
+        if self.step > job.train.steps:
+            raise CheckpointError(
+                f"{resumed} is at step {self.step}, past train.steps={job.train.steps}; raise "
+                "train.steps, or pass another --out or checkpoint.resume=none"
+            )
+        if self.step == job.train.steps:
+            logger.warning("%s is already at train.steps=%d: nothing to train", resumed, self.step)
+            return []
+        if log:  # only now: a refused resume leaves the folder's config.toml as it was
+            atomic_write_text(self.out_dir / CONFIG_FILE, job_to_toml(job))
         print0(log, f"moefold: {job.train.steps} steps, {start}")
         writer = MetricsWriter(self.out_dir, log, resume_step=self.step)
+        loggers = ExperimentLoggers(
+            self.out_dir, log, job.train.wandb_project, job_to_dict(job) if log else None
+        )
         rows = []
-        progress = _progress_bar(log, job.train.steps, self.step)
+        progress = Progress(log, job.train.steps, self.step, job.train.log_every)
         while self.step < job.train.steps:
             row = self.train_step()
             if job.train.eval_every and self.step % job.train.eval_every == 0:
@@ -370,37 +404,25 @@ class Trainer:
             if self.step == job.train.steps and "val_loss" not in row:
                 row["val_loss"] = self.evaluate()
             writer.write(row)
+            loggers.log(row)
             rows.append(row)
             progress.update(row)
             every = job.checkpoint.every
-            if (every and self.step % every == 0) or (
+            wanted = (every and self.step % every == 0) or (
                 self.step == job.train.steps and job.checkpoint.save_final
-            ):
+            )
+            if self.nonfinite_in_a_row and self.step == job.train.steps:
+                raise self.nonfinite_error(f"the last step ({self.step}) was non-finite")
+            if wanted and self.nonfinite_in_a_row:
+                logger.warning("step %d: not saved (its step was non-finite)", self.step)
+            elif wanted:
                 self.save()
         progress.close()
         writer.close()
+        loggers.close()
+        if log:
+            saved = list_checkpoints(self.checkpoint_root)
+            for line in summarize(rows, self.out_dir, saved[-1] if saved else None):
+                emit(line)
         return rows
 
-
-class _progress_bar:
-    """tqdm bar with loss and tokens/s on the logging rank; silent elsewhere."""
-
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-        if "val_loss" in row:
-            postfix["val"] = f"{row['val_loss']:.3f}"
-        self.bar.set_postfix(postfix)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -127,13 +127,15 @@ def test_dedup_all_tokens_to_one_rank_and_idle_ranks(case):
 # ---- bytes: the counter against the routing ----------------------------------------------
 
 
-def kept_ids(ids_TK: torch.Tensor, probs_TK: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+def kept_ids(
+    ids_TK: torch.Tensor, probs_TK: torch.Tensor, cfg: MoEConfig, num_sequences: int
+) -> torch.Tensor:
     """Expert ids with dropped choices set to -1 (the source rank's capacity rule)."""
     if cfg.capacity_factor is None:
         return ids_TK
     T, K = ids_TK.shape
     capacity = expert_capacity(T, cfg.num_experts, K, cfg.capacity_factor)
-    keep = keep_mask(ids_TK, probs_TK, cfg.num_experts, capacity, cfg.drop_policy)
+    keep = keep_mask(ids_TK, probs_TK, cfg.num_experts, capacity, cfg.drop_policy, num_sequences)
     return torch.where(keep, ids_TK, -1)
 
 
@@ -179,7 +181,7 @@ def bytes_body(rank, world_size, cfg_kwargs):
     x = tokens(rank, False)
     probs_TK, ids_TK = layer.router(x.detach().view(-1, HIDDEN), num_sequences=2)
     ids_by_rank = [torch.empty_like(ids_TK) for _ in range(world_size)]
-    dist.all_gather(ids_by_rank, kept_ids(ids_TK, probs_TK, cfg))
+    dist.all_gather(ids_by_rank, kept_ids(ids_TK, probs_TK, cfg, num_sequences=x.shape[0]))
 
     groups.comm_stats.reset()
     layer(x).sum().backward()

@@ -121,11 +121,11 @@ def test_the_full_bf16_shape_without_peers_has_dense_and_moefold_only(capsys):
     assert not any("grouped_mm" in name for name in small)
 
 
-def test_paper_workload_flops_match_the_baselines_figure():
+def test_paper_workload_flops_match_the_documented_figure():
     workload = moe_layer.Workload(
         batch=2, seq=2048, hidden=1024, ffn_hidden=3584, num_experts=8, topk=2
     )
-    assert round(workload.moe_step_flops() / 1e9, 1) == 541.4  # shared/BASELINES.md
+    assert round(workload.moe_step_flops() / 1e9, 1) == 541.4  # docs/benchmarks.md
     router = 3 * 2 * 4096 * 1024 * 8
     assert workload.moe_step_flops() - workload.dense_step_flops() == router
 

@@ -178,3 +178,18 @@ def test_import_moefold_has_no_side_effects(tmp_path):
     assert report == {"new_modules": ["moefold"], "unchanged": [True] * 5}
     assert list(cwd.iterdir()) == [] and list(home.iterdir()) == []
     assert _files(PACKAGE) == package_before
+
+
+def test_docs_import_graph_is_the_code_s():
+    """docs/architecture.md's import graph is scripts/import_graph.py's output, not a drawing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", REPO / "scripts/import_graph.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    expected = script.render(script.import_graph())
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    block = doc.split("## Import graph", 1)[1].split("```\n", 2)[1]
+    assert block == expected, (
+        "docs/architecture.md's import graph is stale: paste `python scripts/import_graph.py`"
+    )

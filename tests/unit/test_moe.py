@@ -18,7 +18,7 @@ def brute_force(layer: MoELayer, x_BSD: torch.Tensor) -> torch.Tensor:
     keep = torch.ones_like(ids, dtype=torch.bool)
     if cfg.capacity_factor is not None:
         cap = expert_capacity(x.shape[0], cfg.num_experts, cfg.topk, cfg.capacity_factor)
-        keep = keep_mask(ids, probs, cfg.num_experts, cap, cfg.drop_policy)
+        keep = keep_mask(ids, probs, cfg.num_experts, cap, cfg.drop_policy, num_sequences=B)
     experts = layer.experts
     rows = []
     for t in range(x.shape[0]):

@@ -357,7 +357,7 @@ def test_table_output_and_no_fold_flag():
     text = _run_cli("--model", "mixtral-8x7b", "--gpus", "32", "--no-fold", "--top", "2")
     assert "pre-folding rules" in text and "MFU" in text
     assert "best layout under the pre-folding rules" not in text
-    assert "moefold train --config mixtral-8x7b --set parallel.tp=" in text
+    assert "-m moefold train --config mixtral-8x7b --set train.seq_len=4096" in text
 
 
 def test_bad_arguments_are_config_errors(capsys):

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from moefold.config import MoEConfig
+from moefold.config import ConfigError, MoEConfig, check_job, load_job
 from moefold.model.router import TopKRouter
 
 
 def make_router(**overrides) -> TopKRouter:
-    cfg = MoEConfig(num_experts=4, topk=2, ffn_hidden=8, **overrides)
+    cfg = MoEConfig(**{"num_experts": 4, "topk": 2, "ffn_hidden": 8, **overrides})
     router = TopKRouter(hidden=4, cfg=cfg)
     with torch.no_grad():
         router.weight.copy_(torch.eye(4))  # logits == inputs
@@ -77,6 +77,18 @@ def balanced_input():
 
 
 @pytest.mark.parametrize("kind", ["aux", "seq_aux", "global_aux"])
+def test_balance_losses_equal_coeff_for_perfectly_balanced_router(kind):
+    # balanced_input: tokens (0, 1) form sequence 0, tokens (2, 3) sequence 1. Every token's
+    # softmax is (a, a, b, b) up to order with a = e^2 / (2e^2 + 2), b = 1 / (2e^2 + 2), so
+    # a + b = 1/2 and each expert's mean probability is 1/4, in the micro-batch and in each
+    # sequence; each expert takes 2 of the 8 slots (1/4), and 1 of 4 in each sequence.
+    # E * sum_e mean_prob_e * frac_e = 4 * 4 * (1/4 * 1/4) = 1, times coeff 0.5.
+    router = make_router(aux_loss=kind, aux_loss_coeff=0.5)
+    probs, _ = router(balanced_input(), num_sequences=2)
+    torch.testing.assert_close(router.step_aux_loss, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("kind", ["aux", "seq_aux", "global_aux"])
 def test_balance_losses_equal_coeff_for_uniform_router(kind):
     router = make_router(aux_loss=kind, aux_loss_coeff=0.5)
     with torch.no_grad():
@@ -84,8 +96,8 @@ def test_balance_losses_equal_coeff_for_uniform_router(kind):
     x = torch.randn(6, 4)
     router(x, num_sequences=2)
     # frac: experts 0 and 1 get everything (1/2 each), mean prob 1/4 each:
-    # E/K * sum(mean_prob * frac) = 4/2 * (2 * 1/4 * 1/2) = 0.5 -> times coeff 0.5
-    torch.testing.assert_close(router.step_aux_loss, torch.tensor(0.25))
+    # E * sum(mean_prob * frac) = 4 * (2 * 1/4 * 1/2) = 1 -> times coeff 0.5
+    torch.testing.assert_close(router.step_aux_loss, torch.tensor(0.5))
 
 
 def test_aux_loss_hand_worked_value_and_gradient_injection():
@@ -95,12 +107,12 @@ def test_aux_loss_hand_worked_value_and_gradient_injection():
     probs, ids = router(x, num_sequences=1)
     scores = torch.softmax(x, -1)
     counts = torch.tensor([2.0, 2.0, 2.0, 2.0])
-    expected = 4 / 2 * ((scores.sum(0) / 4) * (counts / 8)).sum()
+    expected = 4 * ((scores.sum(0) / 4) * (counts / 8)).sum()
     torch.testing.assert_close(router.step_aux_loss, expected)
     # d(aux)/d(router weight) arrives with scale 0.5 although only probs are back-propagated
     (probs * 0).sum().backward()
     weight = torch.eye(4, requires_grad=True)
-    aux = 4 / 2 * ((torch.softmax(x @ weight.T, -1).sum(0) / 4) * (counts / 8)).sum()
+    aux = 4 * ((torch.softmax(x @ weight.T, -1).sum(0) / 4) * (counts / 8)).sum()
     (0.5 * aux).backward()
     torch.testing.assert_close(router.weight.grad, weight.grad)
 
@@ -123,6 +135,76 @@ def test_global_aux_uses_running_counts_over_microbatches():
     second = router.step_aux_loss - first
     s2 = torch.softmax(x2, -1)[0]
     # after both micro-batches every expert has 1 of 4 slots
-    torch.testing.assert_close(second, 4 / 2 * (s2 * 0.25).sum())
+    torch.testing.assert_close(second, 4 * (s2 * 0.25).sum())
     s1 = torch.softmax(x1, -1)[0]
-    torch.testing.assert_close(first, 4 / 2 * (s1 * torch.tensor([0.5, 0.5, 0, 0])).sum())
+    torch.testing.assert_close(first, 4 * (s1 * torch.tensor([0.5, 0.5, 0, 0])).sum())
+
+
+def test_groups_scored_on_logits_with_softmax_after_topk():
+    # Groups {0,1}, {2,3}; one group, top-2. Logit sums: 3 - 3 = 0 vs 1 + 1 = 2 -> group 1.
+    # On softmax scores group 0 would win (e^3 + e^-3 > 2e), as it does with pre-softmax.
+    x = torch.tensor([[3.0, -3.0, 1.0, 1.0]])
+    router = make_router(aux_loss="none", num_groups=2, group_topk=1)
+    _, ids = router(x, num_sequences=1)
+    assert sorted(ids[0].tolist()) == [2, 3]
+    router = make_router(aux_loss="none", num_groups=2, group_topk=1, pre_softmax=True)
+    _, ids = router(x, num_sequences=1)
+    assert sorted(ids[0].tolist()) == [0, 1]
+
+
+def test_balance_load_counted_without_bias_or_groups():
+    # The bias sends token 0 to experts (3, 2); the loss still counts its unbiased top-2 (2, 0).
+    router = make_router(
+        aux_loss="aux", aux_loss_coeff=1.0, score="sigmoid", norm_topk_prob=True, expert_bias=True
+    )
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    x = torch.tensor([[1.5, -1.0, 2.0, 1.0]])
+    _, ids = router(x, num_sequences=1)
+    assert ids.tolist() == [[3, 2]]
+    s = torch.sigmoid(x[0])
+    s = s / s.sum()
+    expected = 4 * (s * torch.tensor([0.5, 0.0, 0.5, 0.0])).sum()
+    torch.testing.assert_close(router.step_aux_loss, expected)
+
+
+def test_router_dtype_fp64_computes_in_double_and_returns_fp32():
+    router = make_router(aux_loss="aux", router_dtype="fp64", pre_softmax=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    probs, ids = router(x.float(), num_sequences=1)
+    assert probs.dtype == torch.float32
+    want = torch.softmax(x.float().double() @ torch.eye(4, dtype=torch.float64), -1)
+    torch.testing.assert_close(probs, want.gather(1, ids).float())
+    probs.sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.dtype == torch.float32
+
+
+def test_input_jitter_scales_inputs_in_training_only():
+    router = make_router(aux_loss="none", input_jitter=0.1, pre_softmax=True)
+    x = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    torch.manual_seed(3)
+    probs, ids = router(x, num_sequences=1)
+    torch.manual_seed(3)
+    noise = 0.9 + torch.rand(x.shape) * 0.2
+    torch.testing.assert_close(probs, torch.softmax(x * noise, -1).gather(1, ids))
+    router.eval()
+    probs, ids = router(x, num_sequences=1)
+    torch.testing.assert_close(probs, torch.softmax(x, -1).gather(1, ids))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("moe.topk=1",), ("moe.topk=1", "moe.pre_softmax=true", "moe.norm_topk_prob=true")],
+)
+def test_top1_without_pre_softmax_is_refused(overrides):
+    with pytest.raises(ConfigError, match=r"moe\.topk: .*moe\.pre_softmax=true"):
+        check_job(load_job("tiny-moe", list(overrides)))
+    check_job(load_job("tiny-moe", ["moe.topk=1", "moe.pre_softmax=true"]))
+    check_job(load_job("tiny-moe", ["moe.topk=1", "moe.score=sigmoid"]))
+
+
+def test_top1_pre_softmax_router_gets_gradient_from_probs():
+    router = make_router(aux_loss="none", topk=1, pre_softmax=True)
+    x = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    probs, _ = router(x, num_sequences=1)
+    probs.sum().backward()
+    assert router.weight.grad.abs().sum() > 0

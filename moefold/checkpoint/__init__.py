@@ -9,18 +9,25 @@ tensors; DCP writes one copy.
 
 Folder `CKPT_ROOT/step_00000040/`:
     .metadata, *.distcp   model parameters, persistent buffers (expert bias), AdamW state
-    trainer.json          step, data-loader position and other plain trainer state
+    trainer.json          step, data-loader position, whether the step was finite
     config.toml           the resolved JobConfig
-All ranks write into `CKPT_ROOT/.tmp-step_00000040/`; after a barrier the coordinator renames
-it into place, so a `step_*` folder is always complete. A crash while saving leaves only a
-`.tmp-*` folder, removed by the next save. The newest `keep` checkpoints are kept.
+    checksums.json        size and SHA-256 of every other file (integrity.py)
+All ranks write into `CKPT_ROOT/.tmp-step_00000040/`; after a barrier the coordinator adds the
+checksums and renames it into place, so a `step_*` folder is always complete. A failed save
+(disk full, no permission) removes its `.tmp-*` folder and names the path and the OS cause; a
+crash leaves one, removed by the next save. The newest `keep` checkpoints are kept, and never
+at the cost of the newest one whose step had a finite loss and gradient norm.
+
+Loading never runs code from the folder (safe_load.py) and verifies the checksums first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import shutil
 import tomllib
 import warnings
@@ -33,8 +40,29 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Shard
 
-from moefold.errors import CheckpointError  # re-exported: callers catch it from here
+from moefold.checkpoint.integrity import MANIFEST_FILE, verify_checkpoint, write_manifest
+from moefold.checkpoint.safe_load import load_arguments, read_metadata
+from moefold.errors import (  # re-exported: callers catch them from here
+    CheckpointError,
+    CheckpointRefused,
+)
 from moefold.parallel.data_parallel import parameter_shards
+from moefold.safe_io import describe_os_error, find_cause, find_os_error
+
+__all__ = [
+    "CONFIG_FILE",
+    "MANIFEST_FILE",
+    "TRAINER_FILE",
+    "CheckpointError",
+    "CheckpointRefused",
+    "load_arguments",
+    "load_checkpoint",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+    "write_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +203,27 @@ def _quiet_single_process_notice():
         yield
 
 
+def _all_ok(groups, ok: bool) -> bool:
+    """Whether every rank reports success (a MIN all-reduce): no rank waits on a failed one."""
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if groups.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag[0] > 0)
+
+
+def _save_failure(tmp: Path, step: int, error: BaseException) -> CheckpointError:
+    """One line naming the path and the OS cause (DCP buries ENOSPC under its own errors)."""
+    os_error = find_os_error(error)
+    if os_error is not None:
+        cause = describe_os_error(os_error.filename or tmp, os_error)
+    else:
+        cause = f"{type(error).__name__}: {error}"
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else None
+        if free is not None and free < 2**20:
+            cause += f"; {tmp.parent}: {os.strerror(errno.ENOSPC)} ({free} bytes free)"
+    return CheckpointError(f"saving step {step} failed: {cause}; the partial {tmp} was removed")
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -185,28 +234,70 @@ def save_checkpoint(
     keep: int,
     groups,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    Raises CheckpointError on every rank when any part fails (the temporary folder is gone).
+    """
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
     coordinator = groups.is_logging_rank
+    failure: BaseException | None = None
     if coordinator:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    groups.barrier()
-    state = training_state(model, optimizer, groups)
-    with _quiet_single_process_notice():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process(groups))
-    groups.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as error:
+            failure = error
+    if _all_ok(groups, failure is None):
+        state = training_state(model, optimizer, groups)
+        try:
+            with _quiet_single_process_notice():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process(groups))
+        # DCP's CheckpointException derives from BaseException
+        except (Exception, CheckpointException) as error:
+            failure = error
+    if _all_ok(groups, failure is None) and coordinator:
+        try:
+            _finish_save(tmp, final, trainer_state, config_toml)
+        except OSError as error:
+            failure = error
+    if not _all_ok(groups, failure is None):
+        if coordinator:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            failure = RuntimeError("another rank failed to write its part (see its error)")
+        raise _save_failure(tmp, step, failure) from failure
     if coordinator:
-        (tmp / CONFIG_FILE).write_text(config_toml)
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():  # re-saving the same step after a resume: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep)
     groups.barrier()
     return final
+
+
+def _finish_save(tmp: Path, final: Path, trainer_state: dict[str, Any], config_toml: str):
+    (tmp / CONFIG_FILE).write_text(config_toml)
+    (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
+    write_manifest(tmp)
+    if final.exists():  # re-saving the same step after a resume: replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def step_was_finite(path: Path) -> bool:
+    """trainer.json's `finite` (checkpoints from before the flag count as finite)."""
+    try:
+        return bool(json.loads((path / TRAINER_FILE).read_text()).get("finite", True))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, sparing the newest finite one."""
+    saved = list_checkpoints(root)
+    good = [p for p in saved if is_intact(p) and step_was_finite(p)]
+    spared = good[-1] if good else None
+    for old in saved[:-keep]:
+        if old != spared:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_model_config(path: Path, model_section: dict, moe_section: dict) -> None:
@@ -257,6 +348,8 @@ def resolve_init_checkpoint(init_from: str, model_section: dict, moe_section: di
 def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -> dict[str, Any]:
     """Load model (and optimizer) state in place, resharding to this layout; returns the
     trainer state. `groups` may be None for a single-process, unsharded model."""
+    verify_checkpoint(path)
+    read_metadata(path)  # refuses a crafted file here, with its own error (DCP would wrap it)
     try:
         trainer_state = json.loads((path / TRAINER_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -264,10 +357,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer=None, groups=None) -
     state = training_state(model, optimizer, groups)
     try:
         with _quiet_single_process_notice():
-            dcp.load(state, checkpoint_id=str(path), no_dist=_one_process(groups))
+            dcp.load(state, no_dist=_one_process(groups), **load_arguments(path))
     # DCP raises many types for truncated or corrupt files; its CheckpointException derives
     # from BaseException, so it is named here explicitly.
     except (Exception, CheckpointException) as error:
+        refused = find_cause(error, CheckpointRefused)
+        if refused is not None:
+            raise refused from error
         raise CheckpointError(
             f"{path}: could not be read ({type(error).__name__}: {error}); "
             "use an older checkpoint or checkpoint.resume=auto"
