@@ -18,6 +18,7 @@ from pathlib import Path
 from moefold import run_dir
 from moefold.config import ConfigError, check_job, load_job
 from moefold.data.tokenize_command import add_tokenize_parser
+from moefold.dryrun.command import add_dry_run_parser
 from moefold.errors import CheckpointError, NonFiniteError, RunFolderError
 from moefold.interop.commands import add_convert_parser, add_upcycle_parser
 from moefold.parallel.layout import ParallelLayout
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_tokenize_parser(sub)
     add_prune_parser(sub)
+    add_dry_run_parser(sub)
     return parser
 
 
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(generate_from_checkpoint(args))
             return 0
-        if args.command in ("convert", "upcycle", "plan", "prune", "report", "tokenize"):
+        if args.command in (
+            "convert", "upcycle", "plan", "prune", "report", "tokenize", "dry-run"
+        ):
             return args.run(args)
     except ConfigError as error:
         print(f"moefold: config error: {error}", file=sys.stderr)
@@ -190,13 +194,16 @@ def _launch_from_env():
     """torchrun's description of this worker (rank, attempt), or a single process."""
     from moefold.train.launch import Launch
 
+    xdg_cache = os.environ.get("XDG_CACHE_HOME")
+    cache_dir = str(Path(xdg_cache) / "moefold") if xdg_cache else None
     if "RANK" not in os.environ:
-        return Launch()
+        return Launch(cache_dir=cache_dir)
     return Launch(
         launched=True,
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        cache_dir=cache_dir,
     )
 
 

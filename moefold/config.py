@@ -52,6 +52,19 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
     attn_bias: bool = False  # bias on the q/k/v projections (Qwen2)
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    # Multi-head latent attention (DeepSeek-V2/V3; docs/deepseek.md), on when kv_lora_rank > 0.
+    kv_lora_rank: int = 0  # MLA: rank of the compressed keys/values (0 = grouped-query attention)
+    q_lora_rank: int = 0  # MLA: rank of the compressed queries (0 = one full query projection)
+    qk_nope_head_dim: int = 0  # MLA: per-head query/key width without rotary
+    qk_rope_head_dim: int = 0  # MLA: per-head rotary query width = the shared rotary key's width
+    v_head_dim: int = 0  # MLA: per-head value width
+    # YaRN rotary scaling (HF rope_parameters rope_type "yarn"; model/mla.py).
+    yarn_factor: float = 1.0  # YaRN context extension factor (1 = plain RoPE)
+    yarn_original_max_positions: int = 4096  # YaRN: the pretraining context of its ramp
+    yarn_beta_fast: float = 32.0  # YaRN: frequencies turning more often are kept
+    yarn_beta_slow: float = 1.0  # YaRN: frequencies turning less often are divided by the factor
+    yarn_mscale: float = 1.0  # YaRN: cos/sin scale mscale(f, this) / mscale(f, all_dim) if both
+    yarn_mscale_all_dim: float = 0.0  # YaRN: softmax scale times mscale(f, this)^2 (0 = off)
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "kv_heads", "ffn_hidden", "vocab_size"):
@@ -62,7 +75,7 @@ class ModelConfig:
             f"{self.heads} heads are not divisible by model.kv_heads={self.kv_heads}; "
             "pick kv_heads that divides heads",
         )
-        if self.head_dim == 0:
+        if self.head_dim == 0 and not self.mla:
             _require(
                 self.hidden % self.heads == 0,
                 "model.hidden",
@@ -70,14 +83,51 @@ class ModelConfig:
                 "change one of them or set model.head_dim",
             )
         _require(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = hidden // heads)")
-        _require(self.resolved_head_dim % 2 == 0, "model.head_dim", "must be even for rotary")
+        if not self.mla:
+            _require(self.resolved_head_dim % 2 == 0, "model.head_dim", "must be even for rotary")
         _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
         _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
         _require(self.init_std > 0, "model.init_std", "must be > 0")
+        _require(self.yarn_factor >= 1, "model.yarn_factor", "must be >= 1 (1 = plain RoPE)")
+        _require(
+            self.yarn_original_max_positions > 0, "model.yarn_original_max_positions", "must be > 0"
+        )
+        _require(self.kv_lora_rank >= 0, "model.kv_lora_rank", "must be >= 0 (0 = GQA)")
+        if self.mla:
+            self._check_mla()
+
+    def _check_mla(self) -> None:
+        for name in ("qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be > 0 with MLA")
+        for name in ("q_lora_rank", "qk_nope_head_dim"):
+            _require(getattr(self, name) >= 0, f"model.{name}", "must be >= 0")
+        _require(
+            self.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", "must be even for rotary"
+        )
+        _require(
+            self.kv_heads == self.heads,
+            "model.kv_heads",
+            f"MLA expands keys/values per head; set kv_heads = heads = {self.heads}",
+        )
+        _require(
+            not (self.qk_norm or self.attn_bias),
+            "model.qk_norm",
+            "qk_norm and attn_bias are GQA options; turn them off with MLA",
+        )
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (model/mla.py) instead of grouped-query attention."""
+        return self.kv_lora_rank > 0
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden // self.heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary tables: the head dim, or MLA's rotary part."""
+        return self.qk_rope_head_dim if self.mla else self.resolved_head_dim
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +145,7 @@ class MoEConfig:
     scaling_factor: float = 1.0  # multiply routed probabilities (DeepSeek-V3's routed scale)
     num_groups: int = 0  # group-limited routing: expert groups (0 = off)
     group_topk: int = 0  # groups kept per token under group-limited routing
+    group_score_topk: int = 0  # experts summed per group score (0: topk // group_topk; DSv3: 2)
     aux_loss: Literal["aux", "seq_aux", "global_aux", "none"] = "aux"  # load-balancing loss
     aux_loss_coeff: float = 0.01  # weight of the load-balancing loss
     z_loss_coeff: float = 0.0  # weight of the router z-loss (0 = off)
@@ -146,6 +197,12 @@ class MoEConfig:
                 1 <= self.group_topk <= self.num_groups,
                 "moe.group_topk",
                 f"must be between 1 and moe.num_groups={self.num_groups}",
+            )
+            _require(
+                0 <= self.group_score_topk <= self.num_experts // self.num_groups,
+                "moe.group_score_topk",
+                f"must be between 0 (topk // group_topk) and the experts per group, "
+                f"{self.num_experts // self.num_groups}",
             )
             experts_kept = self.group_topk * self.num_experts // self.num_groups
             _require(
@@ -269,6 +326,7 @@ class TrainConfig:
     eval_every: int = 0  # validation every n steps (0 = only at the end)
     eval_batches: int = 0  # validation micro-batches per evaluation; 0 = 4 rounded up to dp
     log_every: int = 1  # console progress every n steps
+    peak_tflops: float = 0.0  # MFU denominator per device; 0 = datasheet (GPU) or measured (CPU)
     wandb_project: str = ""  # log to Weights & Biases under this project (needs wandb); "" = off
     nonfinite: Literal["skip", "stop"] = (
         "skip"  # NaN/Inf loss or grad: skip the step, or stop (exit 3, nothing saved)
@@ -291,6 +349,7 @@ class TrainConfig:
         _require(self.eps >= 0, "train.eps", "must be >= 0")
         _require(self.lr < float("inf"), "train.lr", "must be finite")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _require(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = measure)")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")

@@ -53,6 +53,11 @@ class StageShapes:
         hidden = torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
         return hidden.requires_grad_()
 
+    def boundary_bytes(self) -> int:
+        """Bytes of one hidden-state tensor crossing a stage boundary (either direction)."""
+        element = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+        return self.micro_batch * self.local_seq_len * self.hidden * element
+
     def example_output(self, last: bool, device: torch.device) -> torch.Tensor:
         if last:
             return torch.empty(

@@ -82,26 +82,41 @@ class AllToAllDispatcher:
         self.ep_size, self.etp_size = ep_group.size(), etp_group.size()
         self.num_local_experts = cfg.num_experts // self.ep_size
         self.stats = stats
+        # The dry run's RoutingOverride (moefold/dryrun/routing.py): counts and split sizes
+        # from a routing rule, for tensors that carry no values.
+        self.routing_override = None
 
     def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         cfg, n, e = self.cfg, self.ep_size, self.num_local_experts
-        routing = route_slots(
-            expert_ids_TK,
-            probs_TK,
-            self.num_experts,
-            cfg.capacity_factor,
-            cfg.drop_policy,
-            cfg.pad_to_capacity,
-            num_sequences,
-        )
+        override = self.routing_override
+        if override is not None:
+            routing = override.route(expert_ids_TK, cfg)
+        else:
+            routing = route_slots(
+                expert_ids_TK,
+                probs_TK,
+                self.num_experts,
+                cfg.capacity_factor,
+                cfg.drop_policy,
+                cfg.pad_to_capacity,
+                num_sequences,
+            )
         padded = cfg.pad_to_capacity and cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         sent_E = routing.tokens_per_expert_E
         received_E = exchange_counts(sent_E, self.ep_group, family="ep", stats=self.stats)
         received_SE = gather_counts_over_etp(received_E.view(n, e), self.etp_group, self.stats)
-        # The one device-to-host sync of dispatch: collective split sizes are Python ints.
-        sent, received = sent_E.view(n, e).sum(1).tolist(), received_E.view(n, e).sum(1).tolist()
-        etp_sizes = received_SE.view(self.etp_size, -1).sum(1).tolist()
+        if override is not None:  # the exchanges above still run (their traffic counts)
+            ep_rank = self.ep_group.rank()
+            sent, received, etp_sizes, received_SE, tokens_per_expert_e = override.splits(
+                sent_E, n, e, self.etp_size, ep_rank
+            )
+        else:
+            # The one device-to-host sync of dispatch: collective split sizes are Python ints.
+            sent = sent_E.view(n, e).sum(1).tolist()
+            received = received_E.view(n, e).sum(1).tolist()
+            etp_sizes = received_SE.view(self.etp_size, -1).sum(1).tolist()
+            tokens_per_expert_e = received_SE.sum(0)
         rows_RD = all_to_all(rows_RD, received, sent, self.ep_group, family="ep", stats=self.stats)
         probs_R = all_to_all(probs_R, received, sent, self.ep_group, family="ep", stats=self.stats)
         rows_RD = all_gather_dim(
@@ -121,7 +136,7 @@ class AllToAllDispatcher:
             sort_index,
         )
         rows_RD, probs_R = take_rows(rows_RD, sort_index), take_rows(probs_R, sort_index)
-        return rows_RD, probs_R, received_SE.sum(0), plan
+        return rows_RD, probs_R, tokens_per_expert_e, plan
 
     def combine(self, expert_output_RD: torch.Tensor, plan: AllToAllPlan) -> torch.Tensor:
         inverse = torch.empty_like(plan.sort_index)

@@ -58,17 +58,23 @@ class LocalDispatcher:
     def __init__(self, cfg: MoEConfig) -> None:
         self.cfg = cfg
         self.num_experts = cfg.num_experts
+        # The dry run's RoutingOverride (moefold/dryrun/routing.py): counts instead of values.
+        self.routing_override = None
 
     def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
-        routing = route_slots(
-            expert_ids_TK,
-            probs_TK,
-            self.num_experts,
-            self.cfg.capacity_factor,
-            self.cfg.drop_policy,
-            self.cfg.pad_to_capacity,
-            num_sequences,
-        )
+        cfg = self.cfg
+        if self.routing_override is not None:
+            routing = self.routing_override.route(expert_ids_TK, cfg)
+        else:
+            routing = route_slots(
+                expert_ids_TK,
+                probs_TK,
+                self.num_experts,
+                cfg.capacity_factor,
+                cfg.drop_policy,
+                cfg.pad_to_capacity,
+                num_sequences,
+            )
         padded = self.cfg.pad_to_capacity and self.cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         plan = LocalPlan(token_index_R, hidden_TD.shape[0], routing.num_dropped)

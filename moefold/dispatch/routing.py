@@ -161,3 +161,47 @@ def destination_rows(
     rank_starts = torch.cumsum(unique_per_rank, 0) - unique_per_rank
     index_R = position_nT[rank_R, token_R] - rank_starts[rank_R]
     return DestinationRows(needed_nT, torch.where(valid, index_R, -1), unique_per_rank)
+
+
+def max_destination_ranks(
+    num_experts: int, topk: int, num_groups: int, group_topk: int, num_ranks: int
+) -> int:
+    """Most ep ranks one token's K experts can sit on (rank j owns a contiguous E / n block).
+
+    Without groups: min(K, n). With group-limited routing a token's experts lie in `group_topk`
+    groups, so at most the ranks those groups touch: DeepSeek-V3's node-limited routing is this
+    bound with groups aligned to ranks (or to nodes of ranks). A group that straddles a rank
+    boundary counts every rank it touches, so misaligned groups loosen the bound.
+    """
+    if not num_groups:
+        return min(topk, num_ranks)
+    per_group, per_rank = num_experts // num_groups, num_experts // num_ranks
+    touched = sorted(
+        ((g + 1) * per_group - 1) // per_rank - g * per_group // per_rank + 1
+        for g in range(num_groups)
+    )
+    return min(topk, num_ranks, sum(touched[-group_topk:]))
+
+
+def expected_destination_ranks(
+    num_experts: int, topk: int, num_groups: int, group_topk: int, num_ranks: int
+) -> float:
+    """Mean ep ranks a token's K experts sit on under uniform routing: the rows per token of the
+    dedup dispatcher (the planner's all-to-all volume).
+
+    Without groups: n * (1 - C(E - e, K) / C(E, K)), e = E / n experts per rank, K drawn
+    without replacement. With groups aligned to ranks (each group one or more whole ranks) the
+    K are drawn from the M kept groups' experts, over the ranks those groups cover; otherwise
+    the ungrouped figure, capped by `max_destination_ranks`.
+    """
+    per_rank = num_experts // num_ranks
+
+    def spread(experts: int, ranks: int) -> float:
+        miss = math.comb(experts - per_rank, topk) / math.comb(experts, topk)
+        return ranks * (1.0 - miss)
+
+    bound = max_destination_ranks(num_experts, topk, num_groups, group_topk, num_ranks)
+    if num_groups and num_ranks % num_groups == 0:
+        ranks = group_topk * num_ranks // num_groups
+        return min(spread(ranks * per_rank, ranks), bound)
+    return min(spread(num_experts, num_ranks), bound)

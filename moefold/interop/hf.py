@@ -48,6 +48,7 @@ from moefold.config import (
     job_to_toml,
     load_job,
 )
+from moefold.interop import hf_deepseek
 from moefold.interop.hf_config import (  # noqa: F401 (FAMILIES, MOE_FAMILIES: re-exported)
     FAMILIES,
     MOE_FAMILIES,
@@ -109,6 +110,8 @@ def _layer_renames(family: str) -> dict[str, str]:
     for proj in ("gate_proj", "up_proj", "down_proj"):
         names[f"mlp.{proj}.weight"] = f"mlp.{proj}.weight"
         names[f"mlp.shared_expert.{proj}.weight"] = f"mlp.shared_expert.{proj}.weight"
+    if family == hf_deepseek.FAMILY:
+        names.update(hf_deepseek.LAYER_RENAMES)
     return names
 
 
@@ -142,6 +145,8 @@ def to_hf_tensors(
             for key, expert in zip(keys, tensor.unbind(0), strict=True):
                 yield key, expert.T.contiguous()
             continue
+        if family == hf_deepseek.FAMILY:
+            tensor = hf_deepseek.to_hf_rows(name, tensor, model)
         yield hf_name(name, family), tensor
         if family == "qwen2_moe" and not moe.shared_ffn_hidden and name.endswith("router.weight"):
             # transformers always builds Qwen2-MoE's shared expert: give it zero width.
@@ -237,15 +242,19 @@ def _present_key(folder: SafetensorsFolder, key: str) -> str:
 def _ignorable(key: str, model: ModelConfig, moe: MoEConfig) -> bool:
     if _IGNORED_HF_KEYS.search(key) or (key == "lm_head.weight" and model.tie_embeddings):
         return True
+    layer = _HF_LAYER_KEY.match(key)
+    if model.mla and layer and int(layer.group(1)) >= model.layers:
+        return True  # DeepSeek's MTP layers (interop/hf_deepseek.py): transformers skips them too
     return moe.enabled and not moe.shared_ffn_hidden and ".mlp.shared_expert" in key
 
 
 _HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _check_layer_count(folder: SafetensorsFolder, num_layers: int) -> None:
+def _check_layer_count(folder: SafetensorsFolder, num_layers: int, extra: int = 0) -> None:
+    """Layers 0..num_layers-1, plus `extra` MTP layers where a DeepSeek folder holds them."""
     found = sorted({int(m.group(1)) for k in folder.keys() if (m := _HF_LAYER_KEY.match(k))})
-    if found != list(range(num_layers)):
+    if found not in (list(range(num_layers)), list(range(num_layers + extra))):
         held = f"layers 0..{found[-1]} ({len(found)} distinct)" if found else "no layers"
         raise ValueError(
             f"{folder.path}: config.json says num_hidden_layers={num_layers}, the safetensors "
@@ -270,7 +279,7 @@ def check_folder(folder: SafetensorsFolder, hf_config: dict) -> tuple[ModelConfi
     then its layer count and every tensor shape against the safetensors headers; nothing is
     built and no tensor data is read. ValueError names the first mismatch."""
     model, moe = config_from_hf(hf_config)
-    _check_layer_count(folder, model.layers)
+    _check_layer_count(folder, model.layers, hf_config.get("num_nextn_predict_layers") or 0)
     family = hf_config["model_type"]
     for name, shape in expected_shapes(model, moe).items():
         if _EXPERT_NAME.match(name):
@@ -306,6 +315,8 @@ def hf_tensors(folder: SafetensorsFolder, hf_config: dict) -> Iterator[tuple[str
             tensor = _read_experts(folder, name, family, moe.num_experts)
         else:
             tensor = folder.get(_present_key(folder, hf_name(name, family)))
+        if family == hf_deepseek.FAMILY and hf_config.get("rope_interleave", True):
+            tensor = hf_deepseek.from_hf_rows(name, tensor, model)
         if tensor.shape != shape:
             raise ValueError(
                 f"{folder.path}: {name} has shape {tuple(tensor.shape)}, the config "

@@ -9,6 +9,9 @@ Families (config.json `model_type` -> transformers class):
                                      shared expert (zero width = none), dense layers by
                                      mlp_only_layers
     qwen3_moe  Qwen3MoeForCausalLM   as qwen2_moe without shared expert, with q/k norm
+    deepseek_v3 DeepseekV3ForCausalLM MLA, sigmoid router with expert bias and node-limited
+                                     groups, shared experts, dense first layers
+                                     (interop/hf_deepseek.py)
 
 Export picks the family from the config (hf_family); import canonicalises Qwen's
 "softmax, top-k, renormalise" to moefold's equal "softmax over the top-k logits"
@@ -24,6 +27,7 @@ import logging
 import torch
 
 from moefold.config import ModelConfig, MoEConfig
+from moefold.interop import hf_deepseek
 from moefold.interop.hf_config_check import check_hf_config
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ FAMILIES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    hf_deepseek.FAMILY: hf_deepseek.ARCHITECTURE,
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
@@ -136,6 +141,8 @@ def config_from_hf(hf: dict) -> tuple[ModelConfig, MoEConfig]:
         )
     check_hf_config(hf)
     _check_supported(hf, family)
+    if family == hf_deepseek.FAMILY:
+        return hf_deepseek.config_from_deepseek(hf)
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hidden // heads
     model = ModelConfig(
@@ -170,6 +177,11 @@ def _export_problems(moe: MoEConfig) -> list[str]:
 
 def hf_family(model: ModelConfig, moe: MoEConfig) -> str:
     """The transformers family that holds this model exactly; ValueError naming what cannot."""
+    if model.mla:
+        problems = hf_deepseek.export_problems(model, moe)
+        if problems:
+            raise ValueError("DeepseekV3ForCausalLM cannot hold this model: " + "; ".join(problems))
+        return hf_deepseek.FAMILY
     problems = _export_problems(moe)
     if model.qk_norm and model.attn_bias:
         problems.append(
@@ -223,6 +235,8 @@ def config_to_hf(
         "dtype": str(dtype or torch.float32).removeprefix("torch."),
     }
     hf.update({k: base[k] for k in CARRIED_KEYS if base and k in base})
+    if family == hf_deepseek.FAMILY:
+        return {**hf, **hf_deepseek.deepseek_fields(model, moe)}
     if family in ("llama", "qwen3", "qwen3_moe"):
         hf["attention_bias"] = False
     if family == "llama":

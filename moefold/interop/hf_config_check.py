@@ -37,15 +37,37 @@ _OPTIONAL_INTS = {
     "num_experts_per_tok": (1, MAX_EXPERTS),
     "moe_intermediate_size": (1, MAX_FFN),
     "shared_expert_intermediate_size": (0, MAX_FFN),
+    # deepseek_v3 (MLA, node-limited routing, shared experts, MTP layers)
+    "kv_lora_rank": (1, MAX_FFN),
+    "q_lora_rank": (1, MAX_FFN),
+    "qk_nope_head_dim": (0, MAX_HEAD_DIM),
+    "qk_rope_head_dim": (2, MAX_HEAD_DIM),
+    "v_head_dim": (1, MAX_HEAD_DIM),
+    "n_routed_experts": (0, MAX_EXPERTS),
+    "n_shared_experts": (0, MAX_EXPERTS),
+    "n_group": (1, MAX_EXPERTS),
+    "topk_group": (1, MAX_EXPERTS),
+    "first_k_dense_replace": (0, MAX_LAYERS),
+    "num_nextn_predict_layers": (0, MAX_LAYERS),
 }
-_NULLABLE = ("num_key_value_heads", "head_dim", "decoder_sparse_step")
+_NULLABLE = (
+    "num_key_value_heads",
+    "head_dim",
+    "decoder_sparse_step",
+    "q_lora_rank",
+    "n_group",
+    "topk_group",
+    "first_k_dense_replace",
+    "num_experts_per_tok",
+)
 # fields the MoE families cannot do without
 _REQUIRED_BY_FAMILY = {
     "mixtral": ("num_local_experts", "num_experts_per_tok"),
     "qwen2_moe": ("num_experts_per_tok",),
     "qwen3_moe": ("num_experts_per_tok",),
+    "deepseek_v3": ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
 }
-_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor")
 _BOOLS = (
     "tie_word_embeddings",
     "attention_bias",
@@ -53,6 +75,7 @@ _BOOLS = (
     "norm_topk_prob",
     "qkv_bias",
     "use_sliding_window",
+    "rope_interleave",
 )
 _STRINGS = ("model_type", "hidden_act")
 
@@ -89,10 +112,16 @@ def _check_moe_fields(hf: dict) -> None:
     needed = list(_REQUIRED_BY_FAMILY.get(family, ()))
     if family in ("qwen2_moe", "qwen3_moe") and hf.get("num_experts", 0):
         needed.append("moe_intermediate_size")
+    if family == "deepseek_v3" and hf.get("n_routed_experts", 0):
+        needed += ["moe_intermediate_size", "num_experts_per_tok"]
     for field in needed:
-        if field not in hf:
+        if field not in hf or hf[field] is None:
             raise _bad(field, f"required for model_type {family!r} but missing")
-    experts = hf.get("num_local_experts" if family == "mixtral" else "num_experts", 0)
+    experts_field = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+    experts = hf.get(experts_field.get(family, "num_experts"), 0)
+    groups, kept = hf.get("n_group"), hf.get("topk_group")
+    if _is_int(groups) and _is_int(kept) and kept > groups:
+        raise _bad("topk_group", f"{kept} is more than the n_group={groups} groups")
     topk = hf.get("num_experts_per_tok")
     if experts and _is_int(topk) and topk > experts:
         raise _bad("num_experts_per_tok", f"{topk} is more than the {experts} experts")

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moefold.safe_io import describe_os_error
+
 
 def check_output_dir(path: Path, what: str) -> None:
     """ValueError unless `path` is new or an empty folder (checked before any work is done)."""
@@ -33,8 +35,7 @@ def _missing_ancestors(path: Path) -> list[Path]:
 
 
 def _os_error(error: OSError, path: Path) -> ValueError:
-    where = error.filename or path
-    return ValueError(f"--out: cannot write {where}: {error.strerror or error}")
+    return ValueError(f"--out: cannot write {describe_os_error(error.filename or path, error)}")
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefold.config import MoEConfig
+from moefold.dispatch.base import TokenDispatcher
 from moefold.dispatch.local import LocalDispatcher
 from moefold.model.experts import GroupedExperts
 from moefold.model.gemm import Linear
@@ -62,7 +63,8 @@ class MoELayer(nn.Module):
             if cfg.shared_ffn_hidden
             else None
         )
-        self.dispatcher = LocalDispatcher(cfg)
+        # apply_ep swaps in a communicating dispatcher; any TokenDispatcher fits (dispatch/base.py)
+        self.dispatcher: TokenDispatcher = LocalDispatcher(cfg)
         self.stats = MoEStepStats()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:

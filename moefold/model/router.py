@@ -125,13 +125,17 @@ class TopKRouter(nn.Module):
 
         A group scores the sum of its best K // group_topk values (Megatron's rule); where that
         is 0 (K < group_topk) moefold scores a group by its best value instead of by 0.
+        `group_score_topk` fixes the count instead (DeepSeek-V3 and transformers sum the best 2).
+        With groups aligned to expert-parallel ranks this is DeepSeek-V3's node-limited routing
+        (docs/deepseek.md): a token's experts sit on at most group_topk groups' ranks.
         """
         if not self.cfg.num_groups:
             return selection_TE.topk(self.topk, dim=-1).indices
         T, E = selection_TE.shape
         G = self.cfg.num_groups
         grouped = selection_TE.view(T, G, E // G)
-        per_group = min(max(1, self.topk // self.cfg.group_topk), E // G)
+        megatron_rule = min(max(1, self.topk // self.cfg.group_topk), E // G)
+        per_group = self.cfg.group_score_topk or megatron_rule
         group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
         best_groups = group_scores.topk(self.cfg.group_topk, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool)

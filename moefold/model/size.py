@@ -7,7 +7,10 @@ S sequence length.
 Parameters, exactly as moefold/model builds them (vocabulary not padded):
     embedding   V*D input embedding, plus V*D for the LM head unless model.tie_embeddings
     attention   per layer q D*H*hd, k and v D*KV*hd each, o H*hd*D; plus q/k/v biases
-                H*hd + 2*KV*hd when model.attn_bias
+                H*hd + 2*KV*hd when model.attn_bias. MLA (model.kv_lora_rank = Rkv > 0,
+                model/mla.py): q D*Rq + Rq*H*(Dn+Dr) (or D*H*(Dn+Dr) without q_lora_rank Rq),
+                kv_a D*(Rkv+Dr), kv_b Rkv*H*(Dn+Dv), o H*Dv*D; its latent norms Rq + Rkv
+                count as norms
     norms       per layer attn_norm D and mlp_norm D, plus q_norm and k_norm hd each when
                 model.qk_norm; the final norm D
     dense_mlp   per dense layer 3*D*F (gate, up, down)
@@ -26,7 +29,8 @@ count (no norms, rotary, softmax, activations, bias adds or embedding lookup). F
     attention projections  2*D*(H + 2*KV)*hd + 2*H*hd*D
     attention scores       2*S*H*hd: QK^T and PV each cost 2*S*H*hd against all S keys; under
                            the causal mask a query sees S/2 keys on average, so each is counted
-                           for the causal half (Megatron does the same)
+                           for the causal half (Megatron does the same); MLA S*H*(Dn+Dr+Dv)
+                           (its projections: 2 * its attention parameters)
     dense MLP              2*3*D*F
     MoE                    2*D*E router + K*2*3*D*Fe routed experts actually used
                            + 2*3*D*Fs + 2*D shared expert and gate
@@ -65,6 +69,22 @@ def _swiglu(width: int, hidden: int) -> int:
     return 3 * width * hidden
 
 
+def mla_split(m: ModelConfig) -> tuple[int, int]:
+    """(replicated, head-split) projection weights of one MLA layer: the down projections
+    q_a_proj and kv_a_proj stay whole under tp, q_b_proj (or q_proj), kv_b_proj and o_proj
+    split by heads."""
+    d, qk = m.hidden, m.qk_nope_head_dim + m.qk_rope_head_dim
+    rq, rkv = m.q_lora_rank, m.kv_lora_rank
+    down = d * rq + d * (rkv + m.qk_rope_head_dim)
+    up = (rq or d) * m.heads * qk + rkv * m.heads * (m.qk_nope_head_dim + m.v_head_dim)
+    return down, up + m.heads * m.v_head_dim * d
+
+
+def _mla_parameters(m: ModelConfig) -> tuple[int, int]:
+    """(projection weights, latent norm weights) of one MLA layer."""
+    return sum(mla_split(m)), m.q_lora_rank + m.kv_lora_rank
+
+
 def count_parameters(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParameterCount:
     """Count parameters analytically (see the module docstring for the formulas).
 
@@ -86,6 +106,9 @@ def count_parameters(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParameterCou
     if model_cfg.attn_bias:
         attention_per_layer += q_width + 2 * kv_width
     norms_per_layer = 2 * d + (2 * hd if model_cfg.qk_norm else 0)
+    if model_cfg.mla:
+        attention_per_layer, latent_norms = _mla_parameters(model_cfg)
+        norms_per_layer += latent_norms
     one_expert = _swiglu(d, moe_cfg.ffn_hidden)
     shared_per_layer = _swiglu(d, moe_cfg.shared_ffn_hidden) + (d if moe_cfg.shared_gate else 0)
 
@@ -126,6 +149,10 @@ def flops_per_token(
 
     projections = 2 * d * (q_width + 2 * kv_width) + 2 * q_width * d
     scores = 2 * seq_len * q_width  # QK^T and PV, 2*S*H*hd each, halved for the causal mask
+    if model_cfg.mla:
+        projections = 2 * _mla_parameters(model_cfg)[0]
+        m = model_cfg
+        scores = seq_len * m.heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
     dense_mlp = 2 * _swiglu(d, model_cfg.ffn_hidden)
     moe = (
         2 * d * moe_cfg.num_experts

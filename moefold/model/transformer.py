@@ -62,6 +62,15 @@ def rotary_tables(positions_S: torch.Tensor, head_dim: int, theta: float) -> Rop
     return angles.cos(), angles.sin()
 
 
+def model_rotary_tables(positions_S: torch.Tensor, cfg: ModelConfig) -> Rope:
+    """The model's tables: plain RoPE over `cfg.rope_dim`, or YaRN's (model/mla.py)."""
+    if cfg.yarn_factor != 1.0:
+        from moefold.model.mla import yarn_tables
+
+        return yarn_tables(positions_S, cfg)
+    return rotary_tables(positions_S, cfg.rope_dim, cfg.rope_theta)
+
+
 class _Rotary(torch.autograd.Function):
     """Rotary embedding on the halves of the head dim, in place on one product, with its
     transpose as the backward. Why by hand: autograd over rotate_half's `cat` and `neg` keeps a
@@ -205,7 +214,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer_index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        if cfg.mla:
+            from moefold.model.mla import MLAttention  # mla.py builds on this file's parts
+
+            self.attn: nn.Module = MLAttention(cfg)
+        else:
+            self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         if moe.is_moe_layer(layer_index):
             self.mlp: nn.Module = MoELayer(cfg.hidden, moe)
@@ -288,7 +302,7 @@ class Transformer(nn.Module):
         if first:
             x = self.embed(x)
         # Every block rotates by the same tables: made once per forward, as HF's models do.
-        rope = rotary_tables(positions_S, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        rope = model_rotary_tables(positions_S, self.cfg)
         for name in layer_names:
             x = self.layers[name](x, positions_S, rope)
         if not last:

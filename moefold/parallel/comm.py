@@ -24,6 +24,17 @@ algorithm actually does.
 
 gloo needs contiguous tensors and `all_to_all_single` needs split sizes as lists of Python ints;
 every function here passes contiguous tensors to the backend.
+
+Calls that stay outside this module (tests/unit/test_comm_accounting.py holds the list to it):
+- parallel/grad_buckets.py, parallel/optimizer.py: the asynchronous gradient all-reduce /
+  reduce-scatter of a bucket and ZeRO-1's parameter all-gather; each records its bytes in the
+  same CommStats where it launches, since these collectives return a work handle to wait on.
+- parallel/data_parallel.py, parallel/optimizer.py (grad norm), train/trainer.py (the
+  non-finite flag, step metrics): one or a few scalars a step, control traffic, not counted.
+- train/step_runner.py: pipeline send/recv run inside torch.distributed.pipelining; the runner
+  counts them analytically under "pp" (one boundary tensor per micro-batch and direction).
+- parallel/mesh.py, train/launch.py: barriers at start-up and tear-down, outside any step.
+- plan/hardware.py, bench/, testing/: measuring the machine, benchmarks and test oracles.
 """
 
 import math

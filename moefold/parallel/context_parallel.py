@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moefold.model import gemm
+from moefold.model.mla import MLAttention
 from moefold.model.transformer import Attention, SequencePositions
 from moefold.parallel.comm import CommStats, all_gather_dim
 from moefold.parallel.mesh import ParallelGroups
@@ -55,5 +56,5 @@ def apply_cp(model: nn.Module, groups: ParallelGroups) -> None:
         return
     attention_fn = ContextParallelAttention(groups.group("cp"), groups.comm_stats)
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, MLAttention)):
             module.attention_fn = attention_fn

@@ -4,16 +4,17 @@
 - global_prefix: over dp, global micro-batch m = j * dp + dp_rank (the data loader's
   interleaving), so at micro-step j the micro-batches of dp ranks 0..dp_rank come before ours;
   returns (their counts plus ours, the whole micro-step's counts).
-No autograd: these are counts, never differentiated.
+No autograd: these are counts, never differentiated. Both go through parallel/comm.py, so
+their bytes are in the step's `comm_bytes` (tp x cp under "tp", or "cp" when tp = 1).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moefold.model.router import TopKRouter
+from moefold.parallel.comm import all_gather_blocks, all_reduce_sum_
 from moefold.parallel.mesh import ParallelGroups
 
 
@@ -24,17 +25,23 @@ class DistributedStatsComm:
     def token_group_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups.size("tp_cp") == 1:
             return x
-        x = x.detach().clone()
-        dist.all_reduce(x, group=self.groups.group("tp_cp"))
-        return x
+        family = "tp" if self.groups.size("tp") > 1 else "cp"
+        return all_reduce_sum_(
+            x.detach().clone(),
+            self.groups.group("tp_cp"),
+            family=family,
+            stats=self.groups.comm_stats,
+        )
 
     def global_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dp_size = self.groups.size("dp")
         if dp_size == 1:
             return x, x
-        flat = torch.empty(dp_size * x.numel(), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(
-            flat, x.detach().contiguous().flatten(), group=self.groups.group("dp")
+        flat = all_gather_blocks(
+            x.detach().contiguous().flatten(),
+            self.groups.group("dp"),
+            family="dp",
+            stats=self.groups.comm_stats,
         )
         gathered = flat.view(dp_size, *x.shape)
         dp_rank = self.groups.coord("dp")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moefold.model.mla import MLAttention
 from moefold.model.transformer import Attention, DenseMLP
 from moefold.parallel.comm import CommStats, all_gather_dim, reduce_scatter_dim
 from moefold.parallel.data_parallel import mark_family
@@ -68,6 +69,17 @@ def shard_attention(attn: Attention, rank: int, size: int) -> None:
     attn.num_kv_heads //= size
 
 
+def shard_mla(attn: MLAttention, rank: int, size: int) -> None:
+    """MLA as Megatron-Core splits it: the up projections (q_b_proj or q_proj, kv_b_proj) by
+    heads, o_proj by heads; q_a_proj, kv_a_proj and the latent norms stay replicated (each tp
+    rank's gradient of them is a partial sum over its heads, summed over tp like the norms')."""
+    q_up = attn.q_proj if hasattr(attn, "q_proj") else attn.q_b_proj
+    _rows(q_up, _part(attn.num_heads * attn.qk_dim, rank, size))
+    _rows(attn.kv_b_proj, _part(attn.num_heads * (attn.nope_dim + attn.v_dim), rank, size))
+    _columns(attn.o_proj, _part(attn.num_heads * attn.v_dim, rank, size))
+    attn.num_heads //= size
+
+
 def shard_dense_mlp(mlp: DenseMLP, rank: int, size: int) -> None:
     part = _part(mlp.gate_proj.out_features, rank, size)
     _rows(mlp.gate_proj, part)
@@ -85,6 +97,9 @@ def apply_tp(model: nn.Module, groups: ParallelGroups) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             shard_attention(module, rank, size)
+            module.region = region
+        elif isinstance(module, MLAttention):
+            shard_mla(module, rank, size)
             module.region = region
         elif isinstance(module, DenseMLP):
             shard_dense_mlp(module, rank, size)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
+from moefold.dispatch.routing import expected_destination_ranks
 from moefold.model.experts import cpu_runs_grouped_mm
 from moefold.model.gemm import cpu_bf16_gemm_is_native
 from moefold.model.size import flops_per_token
@@ -253,8 +254,35 @@ class _Layer:
         self.ring(cost, "tp", self.bytes * self.q * self.w.model.hidden, 2 * (self.forwards + 1))
 
 
+def _mla(x: _Layer) -> LayerCost:
+    """MLA (model/mla.py): down projections replicated over tp, the rest split by heads; cp
+    gathers the expanded per-head keys and values."""
+    m, c = x.w.model, x.c
+    qk, heads = m.qk_nope_head_dim + m.qk_rope_head_dim, m.heads / c.tp
+    cost = LayerCost()
+    flops = x.passes * x.q * x.w.seq_len * heads * (qk + m.v_head_dim)  # size.py, per tp rank
+    block = x.w.seq_len / (2 * c.cp) if c.cp > 1 else x.w.seq_len
+    cost.attention_core = attention_time(flops, block, x.device)
+    rq, rkv = m.q_lora_rank, m.kv_lora_rank
+    gemms = [
+        (x.q, rq + rkv + m.qk_rope_head_dim, m.hidden),
+        (x.q, heads * qk, rq or m.hidden),
+        (x.q, heads * (m.qk_nope_head_dim + m.v_head_dim), rkv),
+        (x.q, m.hidden, heads * m.v_head_dim),
+    ]
+    cost.compute = cost.attention_core + x.gemms(gemms)
+    # norm input, latents, q, k, v, attention output (per token)
+    per_token = 2 * m.hidden + rq + rkv + m.heads * (2 * qk + 2 * m.v_head_dim)
+    cost.activations = x.bytes * x.t * per_token
+    x.tp_region(cost)
+    x.ring(cost, "cp", x.bytes * x.q * c.cp * heads * (qk + m.v_head_dim), 2 * (x.forwards + 1))
+    return x.finish(cost, OPS_ATTENTION)
+
+
 def _attention(x: _Layer) -> LayerCost:
     m, c = x.w.model, x.c
+    if m.mla:
+        return _mla(x)
     hd = m.resolved_head_dim
     cost = LayerCost()
     # causal scores and values, 2*S*H*hd FLOPs per token (size.py), in blocks of S/(2 cp) rows
@@ -303,13 +331,18 @@ def _routed(x: _Layer) -> LayerCost:
     cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
     calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
     # a rank sends its own rows (the mean); the exchange lasts as long as the busiest receiver
-    kept = x.t * moe.topk * min(1.0, moe.capacity_factor or 1.0)
+    sent_per_token = moe.topk
+    if moe.dedup:  # one row per destination rank, fewer under node-limited routing
+        sent_per_token = expected_destination_ranks(
+            moe.num_experts, moe.topk, moe.num_groups, moe.group_topk, c.ep
+        )
+    kept = x.t * sent_per_token * min(1.0, moe.capacity_factor or 1.0)
     ep_span = x.topo.ep
     row_bytes = x.bytes * m.hidden * (ep_span.size - 1) / ep_span.size * calls
     cost.sent["ep"] = kept * row_bytes
     # each exchange is preceded by a count exchange: two calls' latency
     cost.comm["ep"] = collective_time(
-        rows * row_bytes, ep_span, x.device, 2 * calls, all_to_all=True
+        rows * sent_per_token / moe.topk * row_bytes, ep_span, x.device, 2 * calls, all_to_all=True
     )
     x.ring(cost, "etp", x.bytes * rows * c.etp * m.hidden, calls)
     cost.sent["etp"] *= kept / rows

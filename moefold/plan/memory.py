@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from moefold.model.size import mla_split
+
 if TYPE_CHECKING:
     from moefold.plan.cost import Candidate, Workload
     from moefold.plan.hardware import Device
@@ -52,6 +54,10 @@ def local_params(
     if m.attn_bias:
         attention += (m.heads + 2 * m.kv_heads) * hd / c.tp
     norms = 2 * m.hidden + (2 * hd if m.qk_norm else 0)
+    if m.mla:  # model/mla.py: down projections and latent norms replicated over tp
+        replicated, split = mla_split(m)
+        attention = replicated + split / c.tp
+        norms += m.q_lora_rank + m.kv_lora_rank
     dense_layer = attention + norms + 3 * m.hidden * m.ffn_hidden / c.tp
     moe_dense = attention + norms + moe.num_experts * m.hidden
     moe_dense += 3 * m.hidden * moe.shared_ffn_hidden / c.tp + (m.hidden if moe.shared_gate else 0)

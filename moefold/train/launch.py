@@ -1,8 +1,9 @@
 """Build everything a run needs, in one documented order, and train.
 
 run-folder checks (writable, free space) and lock -> logging -> init_process_group ->
-ParallelGroups -> data -> full model (deterministic init) -> parallelize_model (tp, cp, ep,
-pipeline split, dp families) -> recomputation -> Trainer -> heartbeat -> train.
+ParallelGroups -> data -> meta-device model -> parallelize_model (tp, cp, ep, pipeline split,
+dp families) -> materialise this rank's shards (deterministic init) -> recomputation ->
+Trainer -> heartbeat -> train.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import torch.distributed as dist
 
 from moefold.config import JobConfig
 from moefold.data import build_datasets
-from moefold.model import build_model
+from moefold.model import build_model, materialize
 from moefold.model.gemm import resolve_bf16_gemm
 from moefold.model.size import count_parameters
-from moefold.parallel.apply import parallelize_model
+from moefold.parallel.apply import parallelize_model, shard_index
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
 from moefold.safe_io import RunLock, check_free_space, check_writable
 from moefold.train.heartbeat import HEARTBEAT_DIR, Heartbeat
 from moefold.train.host_memory import keep_freed_host_memory
+from moefold.train.peak import PeakFlops, mfu_peak
 from moefold.train.progress import emit
 from moefold.train.run_log import run_logging
 from moefold.train.trainer import Trainer
@@ -40,6 +42,7 @@ class Launch:
     rank: int = 0
     local_rank: int = 0
     restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which attempt of the worker group
+    cache_dir: str | None = None  # where the measured CPU peak is cached (None: ~/.cache/moefold)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -92,9 +95,14 @@ def check_run_folders(job: JobConfig, out_dir: Path, checkpoint_root: Path) -> N
 
 
 def build_trainer(
-    job: JobConfig, groups: ParallelGroups, out_dir: Path, device: torch.device
+    job: JobConfig,
+    groups: ParallelGroups,
+    out_dir: Path,
+    device: torch.device,
+    peak: PeakFlops | None = None,
 ) -> Trainer:
-    """Datasets (rank 0 builds caches first), the parallelised model and its Trainer."""
+    """Datasets (rank 0 builds caches first), the parallelised model and its Trainer, whose
+    MFU is reported against `peak` (none: no MFU, nothing measured)."""
     if not groups.is_logging_rank:
         groups.barrier()
     else:  # the first run of a corpus trains its tokenizer and encodes it (tens of seconds)
@@ -109,10 +117,13 @@ def build_trainer(
             f"{len(train_data)} train / {len(val_data)} validation sequences"
         )
         groups.barrier()
-    model, stages = parallelize_model(build_model(job).to(device), job, groups)
+    # Sharded construction: a storage-less skeleton, the parallel plan, then only this rank's
+    # shards get memory, filled with their slices of the single-process values (model/init.py).
+    model, stages = parallelize_model(build_model(job, device="meta"), job, groups)
+    materialize(model, job.model, job.train.seed, device, shard_index(groups))
     model.set_recompute(job.train.recompute)
     model.set_bf16_gemm(resolve_bf16_gemm(job.train.bf16_gemm, device, job.model.hidden))
-    return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device)
+    return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device, peak)
 
 
 def run_training(
@@ -141,7 +152,13 @@ def _train_in_process_group(job, out_dir, device_name, launch, stack) -> list[di
     groups = build_parallel_groups(
         layout, device.type, timeout=timedelta(seconds=job.parallel.timeout_s)
     )
-    trainer = build_trainer(job, groups, out_dir, device)
+    # Measured once per machine and cached (CPU) or looked up (GPU); only rank 0 reports MFU.
+    peak = (
+        mfu_peak(job.train, device, job.model.hidden, launch.cache_dir)
+        if groups.is_logging_rank
+        else None
+    )
+    trainer = build_trainer(job, groups, out_dir, device, peak)
     if job.parallel.heartbeat_s > 0:
         heartbeat = Heartbeat(
             out_dir / HEARTBEAT_DIR,

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from moefold.config import TrainConfig
+from moefold.model.gemm import resolve_bf16_gemm, upcasts_bf16
+
 logger = logging.getLogger(__name__)
 
 
@@ -210,3 +213,23 @@ def device_peak_flops(
     if device.type == "cpu":
         return cpu_peak_flops(dtype, cache_dir, matmul_size=matmul_size, budget_s=budget_s)
     raise ValueError(f"device: peak FLOPs are known for cuda and cpu devices, not '{device.type}'")
+
+
+def mfu_peak(
+    train: TrainConfig, device: torch.device, hidden: int, cache_dir: str | None = None
+) -> PeakFlops | None:
+    """The MFU denominator of one device for a run: `train.peak_tflops` when set, else the
+    datasheet (GPU) or the cached measurement (CPU) for the GEMM dtype that actually runs (bf16
+    GEMMs upcast to fp32 on CPUs without bf16 units, model/gemm.py). None, with a warning, for
+    a GPU missing from the table: the run trains and reports MFU as NaN."""
+    if train.peak_tflops > 0:
+        return PeakFlops(train.peak_tflops * 1e12, "config: train.peak_tflops")
+    dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
+    gemm_mode = resolve_bf16_gemm(train.bf16_gemm, device, hidden)
+    if dtype == torch.bfloat16 and upcasts_bf16(device, gemm_mode):
+        dtype = torch.float32
+    try:
+        return device_peak_flops(device, dtype, cache_dir)
+    except ValueError as error:
+        logger.warning("MFU unavailable: %s; set train.peak_tflops", error)
+        return None

@@ -77,6 +77,10 @@ class PipelineRunner:
         indices = [index for index, _ in stage_modules]
         num_stages = groups.size("pp") * len(stage_modules)
         self.has_first, self.has_last = 0 in indices, num_stages - 1 in indices
+        self.stats = groups.comm_stats
+        self.p2p_bytes_per_step = pipeline_p2p_bytes(
+            indices, num_stages, num_microbatches, shapes.boundary_bytes()
+        )
 
         def scaled_loss(logits, labels):
             return token_mean_loss(logits, labels) * loss_scale
@@ -114,8 +118,21 @@ class PipelineRunner:
         return total / self.loss_scale if train else total
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        # The schedule's send/recv run inside torch.distributed.pipelining, not parallel/comm.py:
+        # count them here, analytically, as comm.py counts its collectives.
+        self.stats.add("pp", self.p2p_bytes_per_step)
         return self._run(self.schedule, micro_batches, train=True)
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         return self._run(self.eval_schedule, micro_batches, train=False)
+
+
+def pipeline_p2p_bytes(
+    stage_indices: list[int], num_stages: int, num_microbatches: int, boundary_bytes: int
+) -> int:
+    """Bytes this pp rank sends in one training step: each of its stages sends every
+    micro-batch's activation downstream (unless it is the last stage) and the gradient of its
+    input upstream (unless it is the first); one boundary tensor each way."""
+    sends = sum((index < num_stages - 1) + (index > 0) for index in stage_indices)
+    return sends * num_microbatches * boundary_bytes

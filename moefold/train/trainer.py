@@ -34,7 +34,6 @@ from moefold.checkpoint import (
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.errors import CheckpointRefused, NonFiniteError
-from moefold.model.gemm import resolve_bf16_gemm, upcasts_bf16
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
@@ -49,7 +48,7 @@ from moefold.train.metrics import (
     print0,
     step_router_losses,
 )
-from moefold.train.peak import device_peak_flops
+from moefold.train.peak import PeakFlops
 from moefold.train.progress import Progress, emit, summarize
 from moefold.train.step_runner import LocalRunner, PipelineRunner
 
@@ -73,6 +72,7 @@ class Trainer:
         val_data: Any,
         out_dir: Path,
         device: torch.device,
+        peak: PeakFlops | None = None,
     ) -> None:
         self.job, self.model, self.groups = job, model, groups
         self.device, self.out_dir = device, out_dir
@@ -102,23 +102,12 @@ class Trainer:
         self.flops_per_step = (
             flops_per_token(job.model, job.moe, train.seq_len) * self.tokens_per_step
         )
-        dtype = torch.bfloat16 if train.dtype == "bf16" else torch.float32
-        gemm_mode = resolve_bf16_gemm(train.bf16_gemm, device, job.model.hidden)
-        if dtype == torch.bfloat16 and upcasts_bf16(device, gemm_mode):
-            dtype = torch.float32  # MFU against the GEMMs that run (model/gemm.py)
-        # Measured once per machine and cached; only the logging rank reports MFU.
-        self.peak = self._peak(device, dtype) if groups.is_logging_rank else None
+        # The MFU denominator is an input (train.peak.mfu_peak, resolved by the launcher): a
+        # Trainer built in a test or a notebook measures nothing and writes no cache.
+        self.peak = peak
         self.checkpoint_root = (
             Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
         )
-
-    @staticmethod
-    def _peak(device: torch.device, dtype: torch.dtype):
-        try:
-            return device_peak_flops(device, dtype)
-        except ValueError as error:  # an unknown GPU: train anyway, report MFU as NaN
-            logger.warning("MFU unavailable: %s", error)
-            return None
 
     def _build_runner(self, stages: list):
         if self.groups.size("pp") == 1:

@@ -4,10 +4,6 @@ SIGKILLed under torchrun --max-restarts."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +13,8 @@ from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
 from moefold.testing.dist import RanksFailed, run_ranks
 from moefold.testing.reference import build_test_trainer
-from moefold.train.metrics import read_metrics
-from tests.e2e.test_train import TINY, losses, tiny_job
+from tests.e2e.kill_harness import kill_rank_one_after_step_five, moefold_train
+from tests.e2e.test_train import losses, tiny_job
 
 
 def trainer_in(rank, world_size, job):
@@ -122,85 +118,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert not (ckpt / ".tmp-step_00000004").exists()
 
 
-def worker_pids(parent_pid: int) -> dict[int, int]:
-    """rank -> pid of the moefold workers below a torchrun process (Linux /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if (
-            b"moefold" in cmdline
-            and env.get(b"TORCHELASTIC_RUN_ID")
-            and b"RANK" in env
-            and str(parent_pid).encode() in env.get(b"MOEFOLD_TEST_PARENT", b"")
-        ):
-            found[int(env[b"RANK"])] = int(entry.name)
-    return found
-
-
 @pytest.mark.slow
 def test_sigkilled_rank_restarts_and_matches_uninterrupted_run(tmp_path):
-    common = [
-        *TINY,
-        "model.hidden=64",
-        "train.steps=8",
-        "checkpoint.every=2",
-        "train.seq_len=64",
-        "train.micro_batch=2",
-        "train.eval_every=0",
-        "train.eval_batches=4",
-        "parallel.ep=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
-
-    def launch(out, restarts):
-        args = [
-            sys.executable,
-            "-m",
-            "moefold",
-            "train",
-            "--config",
-            "tiny-moe",
-            "--nproc",
-            "4",
-            "--max-restarts",
-            str(restarts),
-            "--out",
-            str(out),
-        ]
-        for item in common:
-            args += ["--set", item]
-        env = {**os.environ, "MOEFOLD_TEST_PARENT": str(os.getpid())}
-        log = open(tmp_path / f"{out.name}.log", "w")  # a file, not a pipe nobody drains
-        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def tail(name):
-        return (tmp_path / f"{name}.log").read_text()[-3000:]
-
-    reference = launch(tmp_path / "ref", 0)
-    assert reference.wait(timeout=600) == 0, tail("ref")
-    victim = launch(tmp_path / "run", 2)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    killed = False
-    while time.monotonic() < deadline and victim.poll() is None and not killed:
-        rows = read_metrics(metrics) if metrics.exists() else []
-        if rows and rows[-1]["step"] >= 5:
-            pids = worker_pids(os.getpid())
-            if 1 in pids:
-                os.kill(pids[1], signal.SIGKILL)
-                killed = True
-        time.sleep(0.02)
-    assert killed, "the run ended before step 5 could be interrupted"
-    assert victim.wait(timeout=600) == 0, tail("run")
-    got = [(r["step"], r["loss"]) for r in read_metrics(metrics)]
-    want = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    got, want, _ = kill_rank_one_after_step_five(
+        tmp_path, lambda restarts: moefold_train("--nproc", "4", "--max-restarts", str(restarts))
+    )
     assert got == want
     assert (
         json.loads(

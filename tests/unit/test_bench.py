@@ -27,6 +27,7 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
     return cells[0], cells[2:]  # header, (rule), rows
 
 
+@pytest.mark.slow
 def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
     argv = TINY + ["--dtype", "fp32", "bf16", "--capacity-factor", "none", "1.0"]
     assert moe_layer.main([*argv, "--bf16-workload", "full"]) == 0
@@ -41,12 +42,13 @@ def test_moe_layer_table_has_one_row_per_implementation_and_dtype(capsys):
         assert float(row[4]) > 0  # tokens/s; the rounded TFLOP/s of a tiny workload may read 0
         assert all(float(value) >= 0 for value in row[5:8] + row[9:])
         first, third = (float(value) for value in row[8].split("-"))
-        assert 0 < first <= third
+        assert 0 <= first <= third  # 2 decimals: a row 200x slower under load reads 0.00
     assert {row[7] for row in rows if row[0] == "dense"} == {"1.000"}
     assert {row[8] for row in rows if row[0] == "dense"} == {"1.00-1.00"}  # paired quartiles
     assert "# peak: fp32 " in out and "bf16 parameters and inputs" in out
 
 
+@pytest.mark.slow
 def test_moe_layer_json_rows_are_complete(capsys):
     assert moe_layer.main(TINY + ["--dtype", "fp32", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -63,6 +65,7 @@ def test_moe_layer_json_rows_are_complete(capsys):
     assert max(row["ratio_vs_best_peer"] for row in peers) == 1.0  # the fastest peer
 
 
+@pytest.mark.slow
 def test_autocast_mode_runs(capsys):
     argv = TINY + ["--dtype", "bf16", "--bf16-mode", "autocast", "--hf-experts", "eager"]
     assert moe_layer.main(argv) == 0
@@ -71,6 +74,7 @@ def test_autocast_mode_runs(capsys):
     assert {row[0] for row in table_rows(out)[1]} >= {"dense", "moefold"}
 
 
+@pytest.mark.slow
 def test_ep_rows_split_the_same_tokens_over_gloo_ranks(capsys):
     argv = [*TINY[:-2], "--ep", "1", "2", "--dtype", "fp32", "--hf-experts", "eager", "--json"]
     assert moe_layer.main(argv) == 0
@@ -108,6 +112,7 @@ def test_bf16_shapes_follow_the_bf16_workload_flag():
     assert plan("auto") == expected_auto
 
 
+@pytest.mark.slow
 def test_the_full_bf16_shape_without_peers_has_dense_and_moefold_only(capsys):
     argv = TINY + ["--dtype", "bf16", "--bf16-workload", "both", "--json"]
     assert moe_layer.main(argv) == 0  # default capacity factors: dropless and 1.0
@@ -130,6 +135,7 @@ def test_paper_workload_flops_match_the_documented_figure():
     assert workload.moe_step_flops() - workload.dense_step_flops() == router
 
 
+@pytest.mark.slow
 def test_row_budget_cuts_ep1_rows_short_and_leaves_ranks_every_step(capsys):
     """--row-budget-s below one step: every ep = 1 row gets one timed step, while the ep = 2
     ranks still run all three (they must run the same steps)."""

@@ -18,6 +18,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_train_rows_and_equal_losses(capsys):
     assert train.main([*TINY, "--dtype", "fp32", "bf16", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -55,6 +56,7 @@ def test_bench_train_table_header(capsys):
     assert "defaults to grouped_mm" in out  # transformers 5's experts default, named
 
 
+@pytest.mark.slow
 def test_bench_train_times_only_the_named_hf_implementation(capsys):
     argv = [*TINY, "--steps", "1", "--warmup", "0", "--hf-experts", "eager", "--json"]
     assert train.main(argv) == 0
@@ -62,6 +64,7 @@ def test_bench_train_times_only_the_named_hf_implementation(capsys):
     assert [row["name"] for row in rows] == ["moefold", "hf-mixtral"]
 
 
+@pytest.mark.slow
 def test_bench_train_row_budget_cuts_rows_short_and_compares_common_steps(capsys):
     """--row-budget-s: a budget below one step leaves every row one timed step (after the
     warm-up), and losses are compared over the steps taken."""

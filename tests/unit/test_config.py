@@ -42,6 +42,8 @@ class Case(NamedTuple):
     world_size: int = 1  # a world size check_job accepts with this value
 
 
+# The smallest multi-head latent attention on the preset (tiny-moe: 4 heads, kv_heads 2).
+MLA = ("model.kv_lora_rank=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.kv_heads=4")
 # One entry per field of every section; a new field fails test_test_values_cover_every_field
 # until it gets a legal test value here.
 TEST_VALUES = {
@@ -58,6 +60,17 @@ TEST_VALUES = {
     "model.qk_norm": Case("yes", True),
     "model.attn_bias": Case("1", True),
     "model.init_std": Case("0.01", 0.01),
+    "model.kv_lora_rank": Case("8", 8, also=MLA[1:]),
+    "model.q_lora_rank": Case("16", 16, also=MLA),
+    "model.qk_nope_head_dim": Case("8", 8, also=MLA),
+    "model.qk_rope_head_dim": Case("4", 4, also=MLA),
+    "model.v_head_dim": Case("8", 8, also=MLA),
+    "model.yarn_factor": Case("4", 4.0),
+    "model.yarn_original_max_positions": Case("64", 64),
+    "model.yarn_beta_fast": Case("16", 16.0),
+    "model.yarn_beta_slow": Case("2", 2.0),
+    "model.yarn_mscale": Case("0.707", 0.707),
+    "model.yarn_mscale_all_dim": Case("1", 1.0),
     "moe.num_experts": Case("16", 16),
     "moe.topk": Case("1", 1, also=("moe.pre_softmax=true",)),
     "moe.ffn_hidden": Case("128", 128),
@@ -68,6 +81,7 @@ TEST_VALUES = {
     "moe.norm_topk_prob": Case("true", True),
     "moe.scaling_factor": Case("2.5", 2.5),
     "moe.num_groups": Case("4", 4, also=("moe.group_topk=2",)),
+    "moe.group_score_topk": Case("2", 2, also=("moe.num_groups=4", "moe.group_topk=2")),
     "moe.group_topk": Case("1", 1, also=("moe.num_groups=2",)),
     "moe.aux_loss": Case("seq_aux", "seq_aux"),
     "moe.aux_loss_coeff": Case("0.001", 0.001),
@@ -134,6 +148,7 @@ TEST_VALUES = {
     "train.eval_every": Case("5", 5),
     "train.eval_batches": Case("2", 2),
     "train.log_every": Case("10", 10),
+    "train.peak_tflops": Case("1.5", 1.5),
     "train.wandb_project": Case("moefold-tests", "moefold-tests"),
     "data.source": Case("shakespeare", "shakespeare"),
     "data.path": Case("corpus/*.txt", "corpus/*.txt"),

