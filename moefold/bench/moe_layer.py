@@ -39,7 +39,7 @@ from moefold.bench import bench_parser, peers, timing
 from moefold.bench.timing import Column
 from moefold.bench.workload import INIT_STD, ExpertWeights, Workload, random_weights
 from moefold.config import GROUPED_MM_ROW_MULTIPLE, MoEConfig, grouped_mm_rows_aligned
-from moefold.model.gemm import cpu_bf16_gemm_is_slow, set_bf16_gemm
+from moefold.kernels.gemm import cpu_bf16_gemm_is_slow, set_bf16_gemm
 from moefold.model.moe import MoELayer
 from moefold.model.transformer import DenseMLP
 
@@ -301,7 +301,7 @@ ROW_NOTES = {
     "tflops counts the dropless FLOPs",
     "moefold-native-bf16": "moefold with train.bf16_gemm=native: torch's bf16 kernels, which "
     "this CPU runs without bf16 instructions (the other moefold rows compute bf16 products as "
-    "fp32 GEMMs, moefold/model/gemm.py)",
+    "fp32 GEMMs, moefold/kernels/gemm.py)",
     "dense": "moefold's DenseMLP, same FLOPs minus the router; ep > 1: each rank on its tokens",
     "hf-mixtral": "transformers experts forward picked by --hf-experts (eager = per-expert loop)",
     "torchtitan": "experts always compute in bf16 grouped_mm, so its fp32 row is bf16 math",

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moefold.model.gemm import cpu_bf16_gemm_is_slow
+from moefold.kernels.gemm import cpu_bf16_gemm_is_slow
 from moefold.train.host_memory import keep_freed_host_memory
 from moefold.train.peak import cpu_model_name, measure_matmul_flops
 
@@ -109,7 +109,7 @@ def median(values: Sequence[float]) -> float:
 
 def peak_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype whose matmul peak bounds `dtype`'s products here: fp32 for bf16 on a CPU
-    without bf16 instructions (bf16 products run as fp32 GEMMs there, model/gemm.py)."""
+    without bf16 instructions (bf16 products run as fp32 GEMMs there, kernels/gemm.py)."""
     if dtype == torch.bfloat16 and cpu_bf16_gemm_is_slow():
         return torch.float32
     return dtype

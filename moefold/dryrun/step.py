@@ -22,8 +22,8 @@ from moefold.config import JobConfig
 from moefold.dryrun.routing import RoutingOverride
 from moefold.dryrun.tracker import StepMemory
 from moefold.dryrun.world import fake_process_group
+from moefold.kernels.gemm import resolve_bf16_gemm
 from moefold.model import build_model, materialize
-from moefold.model.gemm import resolve_bf16_gemm
 from moefold.model.moe import MoELayer
 from moefold.parallel.apply import parallelize_model, shard_index
 from moefold.parallel.layout import ParallelLayout

@@ -4,7 +4,7 @@ Shape legend: R rows (tokens grouped by expert), D model dim, F expert FFN hidde
 under expert tensor parallelism), e local experts.
 
 Two compute paths with identical results:
-- the per-expert loop with a hand-written backward (model/expert_loop.py, default on CPU):
+- the per-expert loop with a hand-written backward (kernels/expert_loop.py, default on CPU):
   weight gradients written in place, only the pre-activations kept. (Indexing `w[i]` under
   autograd would zero-fill a full-size gradient per expert, about 1 s per step on the
   paper-size layer; autograd over `unbind` views stacks a copy: docs/decisions.md);
@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moefold.config import grouped_mm_rows_aligned
-from moefold.model.expert_loop import swiglu_expert_loop
-from moefold.model.gemm import GemmDtypes, upcasts_bf16
+from moefold.kernels.expert_loop import swiglu_expert_loop
+from moefold.kernels.gemm import GemmDtypes, upcasts_bf16
 
 # On CPU, experts whose weight matrices hold at most this many elements (hidden x local FFN
 # hidden) run as one torch grouped_mm per matrix instead of the per-expert loop. Small experts
@@ -70,7 +70,7 @@ class GroupedExperts(nn.Module):
         self.grouped_gemm = grouped_gemm
         # train.recompute = moe_act (model/recompute.py); the loop path always recomputes it.
         self.recompute_activation = False
-        self.bf16_gemm = "auto"  # train.bf16_gemm (model/gemm.py)
+        self.bf16_gemm = "auto"  # train.bf16_gemm (kernels/gemm.py)
 
     def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         # recompute_activation: backward keeps gate and up, not silu(gate), and recomputes.

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from moefold.config import ModelConfig
-from moefold.model import gemm
-from moefold.model.gemm import Linear
-from moefold.model.transformer import IdentityRegion, RMSNorm, Rope, apply_rotary
+from moefold.kernels import gemm
+from moefold.kernels.gemm import Linear
+from moefold.kernels.rotary import apply_rotary
+from moefold.model.transformer import IdentityRegion, RMSNorm, Rope
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm keep their default eps
 
@@ -86,7 +87,7 @@ def softmax_scale_boost(cfg: ModelConfig) -> float:
 
 def mla_causal_attention(q_BHSDk, k_BHSDk, v_BHSDv, positions_S, bf16_gemm="auto"):
     """Exact causal attention through torch SDPA. Not transformer.causal_attention: its bf16
-    CPU kernel (model/cpu_attention.py) assumes keys and values share one head width."""
+    CPU kernel (kernels/cpu_attention.py) assumes keys and values share one head width."""
     return gemm.scaled_dot_product_attention(q_BHSDk, k_BHSDk, v_BHSDv, bf16_gemm, is_causal=True)
 
 

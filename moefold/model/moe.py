@@ -16,8 +16,8 @@ from torch import nn
 from moefold.config import MoEConfig
 from moefold.dispatch.base import TokenDispatcher
 from moefold.dispatch.local import LocalDispatcher
+from moefold.kernels.gemm import Linear
 from moefold.model.experts import GroupedExperts
-from moefold.model.gemm import Linear
 from moefold.model.router import TopKRouter
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefold.config import ModelConfig, MoEConfig
-from moefold.model import cpu_attention, gemm
-from moefold.model.gemm import Linear
+from moefold.kernels import cpu_attention, gemm
+from moefold.kernels.gemm import Linear
+from moefold.kernels.rotary import apply_rotary
 from moefold.model.moe import MoELayer
 from moefold.model.recompute import RECOMPUTE_MODES, recomputed
 
@@ -71,54 +72,9 @@ def model_rotary_tables(positions_S: torch.Tensor, cfg: ModelConfig) -> Rope:
     return rotary_tables(positions_S, cfg.rope_dim, cfg.rope_theta)
 
 
-class _Rotary(torch.autograd.Function):
-    """Rotary embedding on the halves of the head dim, in place on one product, with its
-    transpose as the backward. Why by hand: autograd over rotate_half's `cat` and `neg` keeps a
-    rotated copy and runs ~10 ops in backward; this runs 5 each way (forward + backward 2-3x
-    faster on a [4, 16, 256, 64] query; cpu-moe-1024 training step ~3% faster, tiny-moe within
-    noise; 2-core Xeon, torch 2.13). Products and sums are rounded one by one as in rotate_half's
-    formula (no fused multiply-add), so fp32 results equal transformers' to the last bit."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, transpose=False).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad_out, cos, sin, transpose=True).to(grad_out.dtype), None, None
-
-
-def _rotate(x, cos, sin, transpose: bool) -> torch.Tensor:
-    """With halves x = [x1, x2], c = [c1, c2], s = [s1, s2] of the last dim:
-    rotation  [x1 c1 - x2 s1, x2 c2 + x1 s2]  (x * cos + rotate_half(x) * sin),
-    transpose [x1 c1 + x2 s2, x2 c2 - x1 s1]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    sin1, sin2 = sin[..., :half], sin[..., half:]
-    out = x * cos
-    out1, out2 = out[..., :half], out[..., half:]
-    if transpose:
-        out1.add_(x2 * sin2)
-        out2.sub_(x1 * sin1)
-    else:
-        out1.sub_(x2 * sin1)
-        out2.add_(x1 * sin2)
-    return out
-
-
-def apply_rotary(
-    x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor
-) -> torch.Tensor:
-    """Rotary embedding in HF's rotate_half convention, computed in the tables' dtype (fp32) and
-    returned in x's."""
-    return _Rotary.apply(x_BHSDh, cos_SDh, sin_SDh)
-
-
 def causal_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto") -> torch.Tensor:
     """Exact causal attention with grouped KV heads; the sequence is in order. torch SDPA, but
-    bf16 on a CPU with bf16 GEMMs runs model/cpu_attention.py (2.5-4x faster there)."""
+    bf16 on a CPU with bf16 GEMMs runs kernels/cpu_attention.py (2.5-4x faster there)."""
     on_native_bf16_cpu = (
         q_BHSDh.device.type == "cpu"
         and gemm.compute_dtype(q_BHSDh) == torch.bfloat16
@@ -173,7 +129,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.region = IdentityRegion()
-        self.bf16_gemm = "auto"  # train.bf16_gemm (model/gemm.py), also for the attention
+        self.bf16_gemm = "auto"  # train.bf16_gemm (kernels/gemm.py), also for the attention
         # Context parallelism replaces this with an exact cross-rank attention.
         self.attention_fn = causal_attention
 
@@ -266,7 +222,7 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def set_bf16_gemm(self, mode: str) -> None:
-        """How bf16 products run (train.bf16_gemm, see moefold/model/gemm.py)."""
+        """How bf16 products run (train.bf16_gemm, see moefold/kernels/gemm.py)."""
         gemm.set_bf16_gemm(self, mode)
 
     def set_recompute(self, mode: str) -> None:

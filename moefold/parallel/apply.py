@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from moefold.config import JobConfig
-from moefold.model.transformer import SequencePositions, Transformer
 from moefold.model.init import Index, ShardIndex
+from moefold.model.transformer import SequencePositions, Transformer
 from moefold.parallel.context_parallel import apply_cp
 from moefold.parallel.data_parallel import parameter_shards
 from moefold.parallel.expert_parallel import apply_ep

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moefold.model import gemm
+from moefold.kernels import gemm
 from moefold.model.mla import MLAttention
 from moefold.model.transformer import Attention, SequencePositions
 from moefold.parallel.comm import CommStats, all_gather_dim

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 from moefold.config import ModelConfig, MoEConfig
 from moefold.dispatch.routing import expected_destination_ranks
+from moefold.kernels.gemm import cpu_bf16_gemm_is_native
 from moefold.model.experts import cpu_runs_grouped_mm
-from moefold.model.gemm import cpu_bf16_gemm_is_native
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
 from moefold.plan.memory import (

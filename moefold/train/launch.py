@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from moefold.config import JobConfig
 from moefold.data import build_datasets
+from moefold.kernels.gemm import resolve_bf16_gemm
 from moefold.model import build_model, materialize
-from moefold.model.gemm import resolve_bf16_gemm
 from moefold.model.size import count_parameters
 from moefold.parallel.apply import parallelize_model, shard_index
 from moefold.parallel.layout import ParallelLayout

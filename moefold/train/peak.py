@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moefold.config import TrainConfig
-from moefold.model.gemm import resolve_bf16_gemm, upcasts_bf16
+from moefold.kernels.gemm import resolve_bf16_gemm, upcasts_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def mfu_peak(
 ) -> PeakFlops | None:
     """The MFU denominator of one device for a run: `train.peak_tflops` when set, else the
     datasheet (GPU) or the cached measurement (CPU) for the GEMM dtype that actually runs (bf16
-    GEMMs upcast to fp32 on CPUs without bf16 units, model/gemm.py). None, with a warning, for
+    GEMMs upcast to fp32 on CPUs without bf16 units, kernels/gemm.py). None, with a warning, for
     a GPU missing from the table: the run trains and reports MFU as NaN."""
     if train.peak_tflops > 0:
         return PeakFlops(train.peak_tflops * 1e12, "config: train.peak_tflops")

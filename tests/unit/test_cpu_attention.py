@@ -1,11 +1,11 @@
-"""model/cpu_attention.py against torch's SDPA: exact in fp64 (grouped KV heads, gradients),
+"""kernels/cpu_attention.py against torch's SDPA: exact in fp64 (grouped KV heads, gradients),
 within bf16 rounding in bf16, and chosen by the transformer only for native bf16 on CPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moefold.model import cpu_attention, gemm
+from moefold.kernels import cpu_attention, gemm
 from moefold.model import transformer as transformer_module
 
 

@@ -1,12 +1,12 @@
-"""bf16 products as fp32 GEMMs (model/gemm.py) and the expert loop's hand-written backward
-(model/expert_loop.py) against torch's own kernels and autograd."""
+"""bf16 products as fp32 GEMMs (kernels/gemm.py) and the expert loop's hand-written backward
+(kernels/expert_loop.py) against torch's own kernels and autograd."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moefold.model import gemm
-from moefold.model.expert_loop import swiglu_expert_loop
+from moefold.kernels import gemm
+from moefold.kernels.expert_loop import swiglu_expert_loop
 from moefold.model.experts import loop_reference
 
 

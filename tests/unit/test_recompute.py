@@ -113,7 +113,7 @@ def saved_activation_bytes(mode: str, *overrides: str) -> int:
 def test_each_mode_keeps_fewer_activations_than_the_one_before():
     loop = "moe.grouped_gemm=off"
     saved = [saved_activation_bytes(mode, loop) for mode in ("none", "moe_act", "moe", "full")]
-    # The CPU expert loop (model/expert_loop.py) keeps only the pre-activations in any mode,
+    # The CPU expert loop (kernels/expert_loop.py) keeps only the pre-activations in any mode,
     # so moe_act has nothing left to save there ...
     assert saved[0] == saved[1] > saved[2] > saved[3], saved
     # ... while under autograd (the grouped_mm path) it drops silu(gate) and the product.

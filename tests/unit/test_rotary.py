@@ -2,13 +2,9 @@
 
 import torch
 
-from moefold.model.transformer import apply_rotary, rotary_tables
-
-
-def rotate_half_reference(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+from moefold.kernels.rotary import apply_rotary
+from moefold.kernels.rotary import rotary_reference as rotate_half_reference
+from moefold.model.transformer import rotary_tables
 
 
 def test_backward_is_exact_in_float64_with_unequal_halves():

@@ -23,7 +23,7 @@ Why a hand-written backward instead of autograd over `unbind` views:
 - kept tensors are one per expert, not slices of one [R, F] buffer: glibc serves blocks
   under 32 MiB from its heap but maps (and page-faults) every larger one afresh, measured
   ~0.45 ms per MiB here, which cost a 117 MiB buffer ~50 ms per allocation;
-- bf16 products can run as fp32 GEMMs on CPUs without bf16 instructions (model/gemm.py).
+- bf16 products can run as fp32 GEMMs on CPUs without bf16 instructions (kernels/gemm.py).
 `loop_reference` in experts.py is the plain reference the tests compare this against.
 
 Math per expert (x rows, p probabilities, a = silu(g) * u, g = x Wg, u = x Wu, o = a Wd):
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moefold.model.gemm import GemmDtypes, backward_without_autocast
+from moefold.kernels.gemm import GemmDtypes, backward_without_autocast
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
