@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(generate_from_checkpoint(args))
             return 0
-        if args.command in (
-            "convert", "upcycle", "plan", "prune", "report", "tokenize", "dry-run"
-        ):
+        if args.command in ("convert", "upcycle", "plan", "prune", "report", "tokenize", "dry-run"):
             return args.run(args)
     except ConfigError as error:
         print(f"moefold: config error: {error}", file=sys.stderr)

@@ -125,7 +125,7 @@ def resolve_checkpoint(path: Path, flag: str) -> Path:
 # ---- layout-independent state dicts --------------------------------------------------------
 
 
-def _global_view(tensor: torch.Tensor, shards, meshes: dict[str, Any]) -> torch.Tensor:
+def _global_view(tensor: torch.Tensor, shards, meshes: dict[Any, Any] | None) -> torch.Tensor:
     """The local shard as a DTensor over the mesh dims it was cut along (or the tensor)."""
     if not shards or meshes is None:
         return tensor
@@ -135,7 +135,7 @@ def _global_view(tensor: torch.Tensor, shards, meshes: dict[str, Any]) -> torch.
     return DTensor.from_local(tensor, mesh, placements, run_check=False)
 
 
-def mesh_lookup(groups) -> dict:
+def mesh_lookup(groups) -> dict | None:
     """Sub-meshes by the shard families apply_* record: ("tp",), ("ep",), ("etp",), ("ep","etp")."""
     if groups is None:
         return None

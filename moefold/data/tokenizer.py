@@ -220,6 +220,7 @@ def _pretrained_file(data_cfg: DataConfig) -> Path:
     file = pretrained_tokenizer_file(data_cfg.tokenizer)
     if file is None:
         load_pretrained_tokenizer(data_cfg.tokenizer)  # raises the ConfigError
+        raise AssertionError("load_pretrained_tokenizer accepted a folder without a tokenizer")
     return file
 
 

@@ -19,8 +19,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from moefold.config import MoEConfig
-from moefold.dispatch.local import gather_rows, scatter_rows, take_rows
-from moefold.dispatch.routing import route_slots
+from moefold.dispatch.local import gather_rows, route_or_override, scatter_rows, take_rows
 from moefold.parallel.comm import (
     CommStats,
     all_gather_dim,
@@ -89,18 +88,9 @@ class AllToAllDispatcher:
     def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
         cfg, n, e = self.cfg, self.ep_size, self.num_local_experts
         override = self.routing_override
-        if override is not None:
-            routing = override.route(expert_ids_TK, cfg)
-        else:
-            routing = route_slots(
-                expert_ids_TK,
-                probs_TK,
-                self.num_experts,
-                cfg.capacity_factor,
-                cfg.drop_policy,
-                cfg.pad_to_capacity,
-                num_sequences,
-            )
+        routing = route_or_override(
+            override, expert_ids_TK, probs_TK, self.num_experts, cfg, num_sequences
+        )
         padded = cfg.pad_to_capacity and cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         sent_E = routing.tokens_per_expert_E

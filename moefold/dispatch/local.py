@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moefold.config import MoEConfig
-from moefold.dispatch.routing import route_slots
+from moefold.dispatch.routing import SlotRouting, route_slots
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,24 @@ def scatter_rows(
     return out.index_add(0, token_index_R, rows_RD)[:num_tokens]
 
 
+def route_or_override(
+    override, expert_ids_TK, probs_TK, num_experts: int, cfg: MoEConfig, num_sequences: int
+) -> SlotRouting:
+    """The slots of this call: `route_slots` on the router's choice, or, under the dry run, the
+    counts its RoutingOverride (moefold/dryrun/routing.py) makes for tensors without values."""
+    if override is not None:
+        return override.route(expert_ids_TK, cfg)
+    return route_slots(
+        expert_ids_TK,
+        probs_TK,
+        num_experts,
+        cfg.capacity_factor,
+        cfg.drop_policy,
+        cfg.pad_to_capacity,
+        num_sequences,
+    )
+
+
 class LocalDispatcher:
     """Permutes tokens into expert-grouped rows and back, with capacity/drop/pad from config."""
 
@@ -62,19 +80,14 @@ class LocalDispatcher:
         self.routing_override = None
 
     def dispatch(self, hidden_TD, probs_TK, expert_ids_TK, num_sequences: int = 1):
-        cfg = self.cfg
-        if self.routing_override is not None:
-            routing = self.routing_override.route(expert_ids_TK, cfg)
-        else:
-            routing = route_slots(
-                expert_ids_TK,
-                probs_TK,
-                self.num_experts,
-                cfg.capacity_factor,
-                cfg.drop_policy,
-                cfg.pad_to_capacity,
-                num_sequences,
-            )
+        routing = route_or_override(
+            self.routing_override,
+            expert_ids_TK,
+            probs_TK,
+            self.num_experts,
+            self.cfg,
+            num_sequences,
+        )
         padded = self.cfg.pad_to_capacity and self.cfg.capacity_factor is not None
         rows_RD, probs_R, token_index_R = gather_rows(hidden_TD, probs_TK, routing.slots_R, padded)
         plan = LocalPlan(token_index_R, hidden_TD.shape[0], routing.num_dropped)

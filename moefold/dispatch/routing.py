@@ -73,7 +73,8 @@ def keep_mask(
     if drop_policy == "probs":
         priority = torch.argsort(-probs_TK.detach().flatten(), stable=True)
     else:
-        priority = position_order(*expert_ids_TK.shape, num_sequences, flat_ids.device)
+        num_tokens, topk = expert_ids_TK.shape
+        priority = position_order(num_tokens, topk, num_sequences, flat_ids.device)
     order = priority[torch.argsort(flat_ids[priority], stable=True)]
     counts = torch.bincount(flat_ids, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts

@@ -116,8 +116,7 @@ def format_table(doc: dict) -> str:
     lines = [
         f"{doc['config']} on {doc['world_size']} ranks ({doc['routing']} routing); GiB, "
         "dry run / planner",
-        f"{'rank':>5} {'pp':>3} {'params':>14} "
-        + " ".join(f"{key:>19}" for key in MEMORY_KEYS),
+        f"{'rank':>5} {'pp':>3} {'params':>14} " + " ".join(f"{key:>19}" for key in MEMORY_KEYS),
     ]
     for row in doc["ranks"]:
         mem, plan = row["memory_bytes"], row["plan_memory_bytes"]

@@ -59,6 +59,6 @@ class PlannerMemory:
             "optimizer": mem["optimizer"],
             "activations_peak": activations + mem["dispatcher"] / overhead,
         }
-        row = {key: int(round(value)) for key, value in row.items()}
-        row["total"] = sum(row.values())
-        return row
+        rounded = {key: int(round(value)) for key, value in row.items()}
+        rounded["total"] = sum(rounded.values())
+        return rounded

@@ -19,6 +19,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from moefold.config import JobConfig
+from moefold.dispatch.all_to_all import AllToAllDispatcher
+from moefold.dispatch.local import LocalDispatcher
 from moefold.dryrun.routing import RoutingOverride
 from moefold.dryrun.tracker import StepMemory
 from moefold.dryrun.world import fake_process_group
@@ -88,7 +90,8 @@ def _grad_tensors(model, optimizer) -> list[torch.Tensor]:
 
 
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    state = [t for s in optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    slots = optimizer.optimizer.state.values()
+    state = [t for slot in slots for t in slot.values() if torch.is_tensor(t)]
     return state + [shard.master for shard, _ in getattr(optimizer, "shards", [])]
 
 
@@ -133,7 +136,9 @@ def run_rank(job: JobConfig, world_size: int, rank: int, routing: RoutingOverrid
             materialize(model, job.model, job.train.seed, DEVICE, index_of)
             for layer in model.modules():
                 if isinstance(layer, MoELayer):
-                    layer.dispatcher.routing_override = routing
+                    dispatcher = layer.dispatcher  # check_dry_run refused allgather and dedup
+                    assert isinstance(dispatcher, LocalDispatcher | AllToAllDispatcher)
+                    dispatcher.routing_override = routing
                     # torch's meta kernel of grouped_mm takes bf16 only (the CUDA rule), so
                     # fake tensors run the experts by the per-expert loop (CPU's default for
                     # large experts; same weights, same saved activations per row).

@@ -23,6 +23,8 @@ Training-only settings are DeepSeek-V3's recipe where the config implies it: exp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moefold.config import ModelConfig, MoEConfig
@@ -181,7 +183,7 @@ def _rope_parameters(model: ModelConfig) -> dict:
 
 def deepseek_fields(model: ModelConfig, moe: MoEConfig) -> dict:
     """The deepseek_v3-specific config.json fields (hf_config.config_to_hf adds the rest)."""
-    hf = {
+    hf: dict[str, Any] = {
         "kv_lora_rank": model.kv_lora_rank,
         "q_lora_rank": model.q_lora_rank or None,
         "qk_nope_head_dim": model.qk_nope_head_dim,

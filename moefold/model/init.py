@@ -109,9 +109,7 @@ def materialize(
         for key, param in list(module.named_parameters(recurse=False)):
             if id(param) not in made:
                 name = f"{module_name}.{key}" if module_name else key
-                full_shape, index = (
-                    shard_index(name, param) if shard_index else (param.shape, None)
-                )
+                full_shape, index = shard_index(name, param) if shard_index else (param.shape, None)
                 values = parameter_values(name, full_shape, cfg, seed, index)
                 new = nn.Parameter(
                     values.to(device=device, dtype=param.dtype),

@@ -139,7 +139,7 @@ class Attention(nn.Module):
         q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

@@ -103,6 +103,7 @@ class AllReduceBucket:
             self.flat = self.compressor.all_reduce(self.pending).to(self.dtype)
             self.pending = None
         else:
+            assert self.work is not None, "wait() before launch()"
             self.work.wait()
         for param, grad in zip(self.params, _unflatten_dense_tensors(self.flat, self.params)):
             param.grad = grad

@@ -301,7 +301,8 @@ def _check_divides(name: str, value: int, ranks: int, what: str, legal_world: in
 
 
 def _group_line(title: str, groups: list[list[int]], max_ranks: int) -> str:
-    shown, count = [], 0
+    shown: list[list[int]] = []
+    count = 0
     for group in groups:
         if shown and count + len(group) > max_ranks:
             break

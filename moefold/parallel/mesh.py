@@ -134,8 +134,11 @@ def _enumerated(
     enumeration: list[list[int]], timeout: timedelta | None = None
 ) -> dist.ProcessGroup:
     if len(enumeration) == 1 and len(enumeration[0]) == dist.get_world_size():
-        return dist.group.WORLD
+        world = dist.group.WORLD
+        assert world is not None, "the default process group is not initialised"
+        return world
     group, _ = dist.new_subgroups_by_enumeration(enumeration, timeout=timeout)
+    assert group is not None, "this rank is in no group of the enumeration"
     return group
 
 

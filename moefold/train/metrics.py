@@ -132,7 +132,7 @@ def expert_load_metrics(
     ]
     if not all_moe:
         return {}
-    num_experts = model.moe_cfg.num_experts
+    num_experts = int(model.moe_cfg.num_experts)
     table = torch.zeros(len(all_moe), num_experts + 2, dtype=torch.float64)
     for row, name in enumerate(all_moe):
         if name in moe_layers:

@@ -329,7 +329,8 @@ class Trainer:
                 p for p in reversed(list_checkpoints(self.checkpoint_root)) if is_intact(p)
             ]
         else:
-            candidates = [find_resume_checkpoint(self.checkpoint_root, resume)]
+            explicit = find_resume_checkpoint(self.checkpoint_root, resume)
+            candidates = [] if explicit is None else [explicit]
         sections = job_to_dict(self.job)
         for path in candidates:
             check_model_config(path, sections["model"], sections["moe"])

@@ -92,6 +92,8 @@ def test_startup_peak_memory_is_the_shard():
         assert row["expert"] == total_expert // 8
         shard_bytes = 4 * (row["expert"] + row["other"])  # fp32: its experts + non-expert
         full_bytes = 4 * (total_expert + row["other"])
-        print(f"rank {rank}: start-up peak {row['peak_bytes'] / 2**20:.1f} MiB, "
-              f"shard {shard_bytes / 2**20:.1f} MiB, full model {full_bytes / 2**20:.1f} MiB")
+        print(
+            f"rank {rank}: start-up peak {row['peak_bytes'] / 2**20:.1f} MiB, "
+            f"shard {shard_bytes / 2**20:.1f} MiB, full model {full_bytes / 2**20:.1f} MiB"
+        )
         assert row["peak_bytes"] <= 1.3 * shard_bytes, (rank, row)

@@ -76,8 +76,18 @@ def test_cli_json_rows(capsys):
     import json
 
     code = main(
-        ["dry-run", "--config", "tiny-moe", "--world-size", "4", "--set", "parallel.ep=4",
-         "--ranks", "1,2", "--json"]
+        [
+            "dry-run",
+            "--config",
+            "tiny-moe",
+            "--world-size",
+            "4",
+            "--set",
+            "parallel.ep=4",
+            "--ranks",
+            "1,2",
+            "--json",
+        ]
     )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
@@ -120,8 +130,11 @@ def test_planner_parameters_match_the_built_shards(rank):
     from moefold.dryrun.planner import PlannerMemory
 
     overrides = [
-        "parallel.pp=2", "parallel.ep=2", "moe.shared_ffn_hidden=64",
-        "train.dtype=fp32", "train.micro_batch=2",
+        "parallel.pp=2",
+        "parallel.ep=2",
+        "moe.shared_ffn_hidden=64",
+        "train.dtype=fp32",
+        "train.micro_batch=2",
     ]
     job = load_job("tiny-moe", overrides)
     row = run_rank(job, 4, rank, RoutingOverride())
