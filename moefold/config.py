@@ -213,9 +213,7 @@ class MoEConfig:
         _require(self.aux_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
         _require(self.z_loss_coeff >= 0, "moe.z_loss_coeff", "must be >= 0")
         _require(self.expert_bias_rate >= 0, "moe.expert_bias_rate", "must be >= 0")
-        _require(
-            0 <= self.input_jitter < 1, "moe.input_jitter", "must be in [0, 1) (0 = off)"
-        )
+        _require(0 <= self.input_jitter < 1, "moe.input_jitter", "must be in [0, 1) (0 = off)")
         if self.capacity_factor is not None:
             _require(
                 self.capacity_factor > 0,

@@ -415,4 +415,3 @@ class Trainer:
             for line in summarize(rows, self.out_dir, saved[-1] if saved else None):
                 emit(line)
         return rows
-

