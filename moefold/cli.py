@@ -1,6 +1,9 @@
 """Command line: argv -> JobConfig -> process group -> ParallelGroups -> model -> Trainer.
 
-The only reader of argv and of the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+The one module that reads argv and the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+TORCHELASTIC_RESTART_COUNT, torchrun's agent store address, XDG_CACHE_HOME); library code gets
+them as arguments (train.launch.Launch). Sub-commands: train, generate, bench, convert, upcycle,
+plan, dry-run, prune, report, tokenize (`moefold COMMAND --help`).
     moefold train --config tiny-moe [--set moe.topk=4 ...] [--out DIR] [--nproc N]
     torchrun --standalone --nproc-per-node 4 -m moefold train --config tiny-moe --set parallel.ep=4
     moefold generate --checkpoint DIR [--prompt TEXT]
@@ -179,7 +182,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.out:
         out_dir = Path(args.out)
     elif "RANK" in os.environ:
-        out_dir = run_dir.torchrun_run_dir(args.config)
+        agent_store = (
+            (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            else None
+        )
+        out_dir = run_dir.torchrun_run_dir(args.config, agent_store, int(os.environ["RANK"]))
     else:
         out_dir = run_dir.new_run_dir(args.config)
     from moefold.train.launch import run_training

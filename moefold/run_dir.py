@@ -6,7 +6,6 @@ run already trained what it was asked for" (so a finished run is never re-entere
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -40,24 +39,22 @@ def new_run_dir(config: str, root: Path = RUNS_ROOT) -> Path:
     raise RuntimeError(f"could not create a run folder under {parent}")
 
 
-def torchrun_run_dir(config: str, root: Path = RUNS_ROOT) -> Path:
+def torchrun_run_dir(
+    config: str, agent_store: tuple[str, int] | None, rank: int, root: Path = RUNS_ROOT
+) -> Path:
     """Under torchrun without --out: rank 0 creates the folder and every rank reads its name
-    from torchrun's own rendezvous store (restarts within one torchrun reuse the folder, so
-    they resume). The store is torchrun's agent store: no process group exists yet."""
+    from torchrun's own rendezvous store at `agent_store` (host, port; cli.py reads it from the
+    launcher's environment), so restarts within one torchrun reuse the folder and resume. The
+    store is torchrun's agent store: no process group exists yet."""
     import torch.distributed as dist
 
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if agent_store is None:
         raise ConfigError(
             "--out: required when ranks are not launched by torchrun (no shared store to agree "
             "on a run folder); pass --out runs/NAME"
         )
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timedelta(minutes=5),
-    )
-    if os.environ.get("RANK") == "0" and not store.check([_STORE_KEY]):
+    store = dist.TCPStore(*agent_store, is_master=False, timeout=timedelta(minutes=5))
+    if rank == 0 and not store.check([_STORE_KEY]):
         store.set(_STORE_KEY, str(new_run_dir(config, root)))
     return Path(store.get(_STORE_KEY).decode())
 
