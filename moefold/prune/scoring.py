@@ -165,7 +165,9 @@ def random_scores(layer: MoELayer, generator: torch.Generator) -> LayerScores:
 
 
 @torch.no_grad()
-def micro_expert_contributions(layer: MoELayer, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def micro_expert_contributions(
+    layer: MoELayer, x_TD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference for tests (dense, small layers only): phi of every unit for every token,
     routed [T, E, F] (zero where a token does not reach the expert) and shared [T, Fs]."""
     rows_RD, probs_R, counts_E, routing = routed_rows(layer, x_TD, 1)
