@@ -65,6 +65,7 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0  # YaRN: frequencies turning less often are divided by the factor
     yarn_mscale: float = 1.0  # YaRN: cos/sin scale mscale(f, this) / mscale(f, all_dim) if both
     yarn_mscale_all_dim: float = 0.0  # YaRN: softmax scale times mscale(f, this)^2 (0 = off)
+    mtp_depths: int = 0  # multi-token prediction depths (DeepSeek-V3; model/mtp.py), 0 = off
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "kv_heads", "ffn_hidden", "vocab_size"):
@@ -93,6 +94,7 @@ class ModelConfig:
             self.yarn_original_max_positions > 0, "model.yarn_original_max_positions", "must be > 0"
         )
         _require(self.kv_lora_rank >= 0, "model.kv_lora_rank", "must be >= 0 (0 = GQA)")
+        _require(self.mtp_depths >= 0, "model.mtp_depths", "must be >= 0 (0 = no MTP)")
         if self.mla:
             self._check_mla()
 
@@ -316,7 +318,12 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     seed: int = 1234  # seed for init, data order and dropout-free sampling
-    dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16 = autocast, fp32 master)
+    dtype: Literal["fp32", "bf16"] = (
+        "fp32"  # bf16 = bf16 parameters and autocast, fp32 main parameters and moments
+    )
+    grad_reduce_dtype: Literal["fp32", "bf16"] = (
+        "fp32"  # with dtype bf16: gradient accumulation and dp/edp reduction in fp32 or bf16
+    )
     bf16_gemm: Literal["auto", "native", "fp32"] = (
         "auto"  # bf16 GEMMs: auto = fp32 math on CPUs lacking bf16 units or below hidden 512
     )
@@ -333,6 +340,7 @@ class TrainConfig:
     recompute: Literal["none", "moe_act", "moe", "full"] = (
         "none"  # recomputed in backward: expert SwiGLU act, MoE layers, or whole blocks
     )
+    mtp_loss_coeff: float = 0.1  # weight of the mean MTP loss (model.mtp_depths > 0; V3: 0.3, 0.1)
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "seq_len"):
@@ -351,6 +359,7 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(self.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0")
+        _require(self.mtp_loss_coeff >= 0, "train.mtp_loss_coeff", "must be >= 0")
         _require(
             self.global_batch % self.micro_batch == 0,
             "train.global_batch",

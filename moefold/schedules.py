@@ -43,31 +43,42 @@ class StageShapes:
     hidden: int
     vocab_size: int
     logits_dtype: torch.dtype
+    # model.mtp_depths: ids [B, S, 1+D] in, the D depths' embeddings carried beside the hidden
+    # state, logits [B, S, 1+D, V] out (moefold/model/mtp.py)
+    mtp_depths: int = 0
+    # the hidden state's dtype: the parameters' (bf16 under train.dtype=bf16, as Megatron's
+    # pipeline_dtype), so a stage receives exactly the bytes its neighbour sends
+    hidden_dtype: torch.dtype = torch.float32
+
+    @property
+    def boundary_width(self) -> int:
+        return self.hidden * (1 + self.mtp_depths)
 
     def example_input(self, first: bool, device: torch.device) -> torch.Tensor:
+        ids: tuple[int, ...] = (self.micro_batch, self.local_seq_len)
+        if self.mtp_depths:
+            ids += (1 + self.mtp_depths,)
         if first:
-            return torch.zeros(
-                self.micro_batch, self.local_seq_len, dtype=torch.long, device=device
-            )
+            return torch.zeros(ids, dtype=torch.long, device=device)
         # requires_grad tells the stage to send the gradient of its input back upstream
-        hidden = torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
-        return hidden.requires_grad_()
+        shape = (self.micro_batch, self.local_seq_len, self.boundary_width)
+        return torch.empty(shape, dtype=self.hidden_dtype, device=device).requires_grad_()
 
     def boundary_bytes(self) -> int:
         """Bytes of one hidden-state tensor crossing a stage boundary (either direction)."""
-        element = torch.empty((), dtype=torch.get_default_dtype()).element_size()
-        return self.micro_batch * self.local_seq_len * self.hidden * element
+        element = torch.empty((), dtype=self.hidden_dtype).element_size()
+        return self.micro_batch * self.local_seq_len * self.boundary_width * element
 
     def example_output(self, last: bool, device: torch.device) -> torch.Tensor:
         if last:
+            depths = (1 + self.mtp_depths,) * (self.mtp_depths > 0)
             return torch.empty(
-                self.micro_batch,
-                self.local_seq_len,
-                self.vocab_size,
+                (self.micro_batch, self.local_seq_len, *depths, self.vocab_size),
                 dtype=self.logits_dtype,
                 device=device,
             )
-        return torch.empty(self.micro_batch, self.local_seq_len, self.hidden, device=device)
+        shape = (self.micro_batch, self.local_seq_len, self.boundary_width)
+        return torch.empty(shape, dtype=self.hidden_dtype, device=device)
 
 
 def build_schedule(

@@ -8,6 +8,7 @@ import torch
 from moefold.config import JobConfig
 from moefold.plan.cost import Candidate, CostModel, Workload
 from moefold.plan.hardware import gpu_device
+from moefold.plan.memory import MOEFOLD_TP_REPLICATED
 from moefold.plan.search import topology
 
 
@@ -41,6 +42,11 @@ class PlannerMemory:
             global_batch=job.train.global_batch,
             dtype=job.train.dtype,
             grad_compression=job.parallel.grad_compression,
+            # what moefold builds (not Megatron's layout): plan/memory.py
+            tp_replicated=MOEFOLD_TP_REPLICATED,
+            grad_shard_apart=True,
+            fp32_norm_copies=True,
+            swiglu_saves=4,
         )
         dtype = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
         self.device = gpu_device(device, dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from moefold.config import JobConfig
@@ -24,12 +25,13 @@ from moefold.dispatch.local import LocalDispatcher
 from moefold.dryrun.routing import RoutingOverride
 from moefold.dryrun.tracker import StepMemory
 from moefold.dryrun.world import fake_process_group
-from moefold.kernels.gemm import resolve_bf16_gemm
 from moefold.model import build_model, materialize
 from moefold.model.moe import MoELayer
+from moefold.model.transformer import causal_attention
 from moefold.parallel.apply import parallelize_model, shard_index
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import build_parallel_groups
+from moefold.parallel.mixed_precision import grad_of
 from moefold.train.lr_schedule import lr_at
 from moefold.train.trainer import Trainer
 
@@ -83,8 +85,8 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-def _grad_tensors(model, optimizer) -> list[torch.Tensor]:
-    grads = [p.grad for p in model.parameters()]
+def _grad_tensors(model, optimizer) -> list[torch.Tensor | None]:
+    grads = [grad_of(p) for p in model.parameters()]  # bf16: the fp32 main gradients
     grads += [shard.grad_buffer for shard, _ in getattr(optimizer, "shards", [])]
     return grads
 
@@ -92,7 +94,19 @@ def _grad_tensors(model, optimizer) -> list[torch.Tensor]:
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     slots = optimizer.optimizer.state.values()
     state = [t for slot in slots for t in slot.values() if torch.is_tensor(t)]
-    return state + [shard.master for shard, _ in getattr(optimizer, "shards", [])]
+    masters = [shard.master for shard, _ in getattr(optimizer, "shards", [])]
+    masters += list(getattr(optimizer, "masters", {}).values())  # replicated, bf16 params
+    return state + masters
+
+
+def _device_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto"):
+    """The attention a GPU runs: fused SDPA (flash / memory-efficient), which saves the output
+    and the softmax statistics, never the S x S probabilities. On fake CPU tensors torch's SDPA
+    takes its flash kernel; moefold's bf16 CPU kernel (kernels/cpu_attention.py) would save the
+    probabilities (0.75 GiB per layer and micro-batch for Mixtral-8x22B at 4096 tokens)."""
+    return F.scaled_dot_product_attention(
+        q_BHSDh, k_BGSDh, v_BGSDh, is_causal=True, enable_gqa=True
+    )
 
 
 def _static_pipeline_votes(runner) -> None:
@@ -133,18 +147,23 @@ def run_rank(job: JobConfig, world_size: int, rank: int, routing: RoutingOverrid
                 (name, tuple((s.start, s.stop) for s in index_of(name, p)[1]))
                 for name, p in model.named_parameters()
             ]
-            materialize(model, job.model, job.train.seed, DEVICE, index_of)
+            dtype = torch.bfloat16 if job.train.dtype == "bf16" else None
+            materialize(model, job.model, job.train.seed, DEVICE, index_of, dtype)
             for layer in model.modules():
                 if isinstance(layer, MoELayer):
                     dispatcher = layer.dispatcher  # check_dry_run refused allgather and dedup
                     assert isinstance(dispatcher, LocalDispatcher | AllToAllDispatcher)
                     dispatcher.routing_override = routing
-                    # torch's meta kernel of grouped_mm takes bf16 only (the CUDA rule), so
-                    # fake tensors run the experts by the per-expert loop (CPU's default for
-                    # large experts; same weights, same saved activations per row).
-                    layer.experts.grouped_gemm = "off"
+                    # the GPU's grouped_mm where its meta kernel can run: it takes bf16 only
+                    # (the CUDA rule), so fp32 fake tensors run the per-expert loop (CPU's
+                    # default for large experts; same weights, fewer saved activations)
+                    bf16 = job.train.dtype == "bf16"
+                    layer.experts.grouped_gemm = "on" if bf16 else "off"
+            for module in model.modules():  # the GPU's attention (context parallel keeps its own)
+                if getattr(module, "attention_fn", None) is causal_attention:
+                    module.attention_fn = _device_attention
             model.set_recompute(job.train.recompute)
-            model.set_bf16_gemm(resolve_bf16_gemm(job.train.bf16_gemm, DEVICE, job.model.hidden))
+            model.set_bf16_gemm("native")  # bf16 GEMMs as on a GPU: no CPU fp32 upcast copies
             data = SyntheticTokens(job.train.global_batch, job.train.seq_len)
             out_dir = Path(tempfile.mkdtemp(prefix="moefold-dry-run-"))
             trainer = Trainer(job, model, stages, groups, data, data, out_dir, DEVICE)
@@ -152,12 +171,21 @@ def run_rank(job: JobConfig, world_size: int, rank: int, routing: RoutingOverrid
             _static_pipeline_votes(trainer.runner)
             optimizer = trainer.optimizer
             tracker = StepMemory()
+            tracker.ignore([*model.parameters(), *model.buffers()])
+            tracker.ignore(_optimizer_tensors(optimizer) + _grad_tensors(model, optimizer))
             groups.comm_stats.reset()
             reduce = optimizer.reduce_gradients
             marks: list[int] = []
 
+            accumulated: list[tuple[int, set]] = []
+
             def marked_reduce():  # where forward/backward ends and the last reduction starts
                 marks.append(len(tracker.events))
+                # the gradients as backward leaves them (ZeRO-1 frees them once reduced)
+                live = _grad_tensors(model, optimizer)
+                keys = {tracker.key_of(t) for t in live if t is not None}
+                accumulated.append((_storage_bytes(live), keys))
+                del live
                 reduce()
 
             optimizer.reduce_gradients = marked_reduce  # this run's optimizer object only
@@ -165,17 +193,21 @@ def run_rank(job: JobConfig, world_size: int, rank: int, routing: RoutingOverrid
                 trainer.compute_gradients()
                 after_backward = len(tracker.events)
                 grad_tensors = _grad_tensors(model, optimizer)
-                grads = _storage_bytes(grad_tensors)
+                grads = max(_storage_bytes(grad_tensors), accumulated[-1][0])
                 optimizer.grad_norm()
                 optimizer.step(lr_at(0, job.train))
             params = _storage_bytes(model.parameters())
             state_tensors = _optimizer_tensors(optimizer)
             state = _storage_bytes(state_tensors)
             held = {tracker.key_of(t) for t in grad_tensors + state_tensors if t is not None}
+            # the reduction frees the gradients backward left (ZeRO-1) as it copies them into
+            # its buckets: its peak counts those frees, so only what the step keeps is left out
+            kept = set(held)
+            held |= accumulated[-1][1]
             # forward + backward, gradients (kept for the step) excluded; then the gradient
             # reduction's own buffers (flat buckets), reported apart
             activations = tracker.peak(exclude=held, until=marks[0])
-            reduction = tracker.peak(exclude=held, start=marks[0], until=after_backward)
+            reduction = tracker.peak(exclude=kept, start=marks[0], until=after_backward)
         memory = {
             "params": params,
             "grads": grads,

@@ -140,14 +140,15 @@ def to_hf_tensors(
     """moefold (name, tensor) stream -> HF (key, tensor) stream of the matching family."""
     family = hf_family(model, moe)
     for name, tensor in tensors:
-        if _EXPERT_NAME.match(name):
-            keys = expert_keys(name, family, moe.num_experts)
+        view, own_key = hf_deepseek.layer_view(name, model)  # MTP depths: model/mtp.py
+        if _EXPERT_NAME.match(view):
+            keys = expert_keys(view, family, moe.num_experts)
             for key, expert in zip(keys, tensor.unbind(0), strict=True):
                 yield key, expert.T.contiguous()
             continue
         if family == hf_deepseek.FAMILY:
             tensor = hf_deepseek.to_hf_rows(name, tensor, model)
-        yield hf_name(name, family), tensor
+        yield own_key or hf_name(view, family), tensor
         if family == "qwen2_moe" and not moe.shared_ffn_hidden and name.endswith("router.weight"):
             # transformers always builds Qwen2-MoE's shared expert: give it zero width.
             prefix = hf_name(name, family).removesuffix("gate.weight")
@@ -244,7 +245,8 @@ def _ignorable(key: str, model: ModelConfig, moe: MoEConfig) -> bool:
         return True
     layer = _HF_LAYER_KEY.match(key)
     if model.mla and layer and int(layer.group(1)) >= model.layers:
-        return True  # DeepSeek's MTP layers (interop/hf_deepseek.py): transformers skips them too
+        # DeepSeek's MTP layers (interop/hf_deepseek.py): read when the folder holds them all
+        return model.mtp_depths == 0 or key.endswith(hf_deepseek.MTP_SHARED_COPIES)
     return moe.enabled and not moe.shared_ffn_hidden and ".mlp.shared_expert" in key
 
 
@@ -279,14 +281,20 @@ def check_folder(folder: SafetensorsFolder, hf_config: dict) -> tuple[ModelConfi
     then its layer count and every tensor shape against the safetensors headers; nothing is
     built and no tensor data is read. ValueError names the first mismatch."""
     model, moe = config_from_hf(hf_config)
-    _check_layer_count(folder, model.layers, hf_config.get("num_nextn_predict_layers") or 0)
+    declared_mtp = hf_config.get("num_nextn_predict_layers") or 0
+    _check_layer_count(folder, model.layers, declared_mtp)
     family = hf_config["model_type"]
+    if family == hf_deepseek.FAMILY:  # the MTP depths the folder holds
+        held = {int(m.group(1)) for k in folder.keys() if (m := _HF_LAYER_KEY.match(k))}
+        depths = hf_deepseek.mtp_depths_held(held, model.layers, declared_mtp)
+        model = dataclasses.replace(model, mtp_depths=depths)
     for name, shape in expected_shapes(model, moe).items():
-        if _EXPERT_NAME.match(name):
-            per_expert, fused = _expert_header_shapes(name, shape, family, moe.num_experts)
+        view, own_key = hf_deepseek.layer_view(name, model)
+        if _EXPERT_NAME.match(view):
+            per_expert, fused = _expert_header_shapes(view, shape, family, moe.num_experts)
             wanted = per_expert if per_expert[0][0] in folder else fused
         else:
-            wanted = [(_present_key(folder, hf_name(name, family)), tuple(shape))]
+            wanted = [(_present_key(folder, own_key or hf_name(view, family)), tuple(shape))]
         for key, expected in wanted:
             if key not in folder:
                 raise ValueError(
@@ -311,10 +319,11 @@ def hf_tensors(folder: SafetensorsFolder, hf_config: dict) -> Iterator[tuple[str
     model, moe = check_folder(folder, hf_config)
     family = hf_config["model_type"]
     for name, shape in expected_shapes(model, moe).items():
-        if _EXPERT_NAME.match(name):
-            tensor = _read_experts(folder, name, family, moe.num_experts)
+        view, own_key = hf_deepseek.layer_view(name, model)
+        if _EXPERT_NAME.match(view):
+            tensor = _read_experts(folder, view, family, moe.num_experts)
         else:
-            tensor = folder.get(_present_key(folder, hf_name(name, family)))
+            tensor = folder.get(_present_key(folder, own_key or hf_name(view, family)))
         if family == hf_deepseek.FAMILY and hf_config.get("rope_interleave", True):
             tensor = hf_deepseek.from_hf_rows(name, tensor, model)
         if tensor.shape != shape:

@@ -191,6 +191,8 @@ def hf_family(model: ModelConfig, moe: MoEConfig) -> str:
         problems.append("a shared expert with model.qk_norm (Qwen3-MoE has none)")
     if moe.shared_ffn_hidden and not moe.shared_gate:
         problems.append("moe.shared_gate=false (Qwen2-MoE's shared expert is always gated)")
+    if model.mtp_depths:
+        problems.append("model.mtp_depths > 0 (only DeepSeek-V3 folders hold MTP layers)")
     if problems:
         raise ValueError("no transformers family holds this model: " + "; ".join(problems))
     if not moe.enabled:

@@ -15,7 +15,13 @@ logits are equal and a round trip is bit-exact.
 
 MTP: transformers 5.25 builds no multi-token-prediction module; its weights sit in DeepSeek's
 folders as extra layers `model.layers.{L + d}.*` (`num_nextn_predict_layers` of them), which
-transformers skips. moefold's importer skips them too (logged).
+transformers skips. moefold imports the depths a folder holds (model.mtp_depths = the number of
+extra layers present; a folder saved by transformers has none) as model/mtp.py's `mtp.{d}.*`:
+the depth's block under the decoder-layer names, and `enorm`, `hnorm`, `eh_proj`,
+`shared_head.norm` (moefold's `final_norm`). DeepSeek's copies of the shared embedding and head
+in those layers (`embed_tokens`, `shared_head.head`) are skipped on import and not written on
+export (the main model's are the ones used); export writes `num_nextn_predict_layers` =
+model.mtp_depths and the depths' layers.
 
 Training-only settings are DeepSeek-V3's recipe where the config implies it: expert bias on
 (the bias is part of the checkpoint) and the sequence-wise balance loss at 1e-4.
@@ -23,6 +29,7 @@ Training-only settings are DeepSeek-V3's recipe where the config implies it: exp
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -48,6 +55,37 @@ LAYER_RENAMES = {
         for p in ("gate_proj", "up_proj", "down_proj")
     },
 }
+
+
+# An MTP depth's own tensors (model/mtp.py) -> their names inside `model.layers.{L + d}`.
+MTP_RENAMES = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "final_norm.weight": "shared_head.norm.weight",
+}
+# Copies of the shared embedding and LM head in DeepSeek's MTP layers: not read, not written.
+MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_MTP_NAME = re.compile(r"^mtp\.(\d+)\.(.+)$")
+
+
+def layer_view(name: str, model: ModelConfig) -> tuple[str, str | None]:
+    """How interop names a moefold tensor: (name under which the decoder-layer mapping applies,
+    HF key when the tensor is an MTP depth's own). `mtp.{d}.block.X` is `layers.{L + d}.X`."""
+    match = _MTP_NAME.match(name)
+    if match is None:
+        return name, None
+    layer, rest = model.layers + int(match.group(1)), match.group(2)
+    if rest.startswith("block."):
+        return f"layers.{layer}.{rest.removeprefix('block.')}", None
+    return name, f"model.layers.{layer}.{MTP_RENAMES[rest]}"
+
+
+def mtp_depths_held(layer_indices: set[int], num_layers: int, declared: int) -> int:
+    """MTP depths a folder holds: the declared `num_nextn_predict_layers` when its layers
+    L..L+n-1 are present, else 0 (transformers saves none)."""
+    extra = {i for i in layer_indices if i >= num_layers}
+    return declared if declared and extra == set(range(num_layers, num_layers + declared)) else 0
 
 
 def _unsupported(field: str, message: str) -> ValueError:
@@ -193,7 +231,7 @@ def deepseek_fields(model: ModelConfig, moe: MoEConfig) -> dict:
         "rope_interleave": True,
         "rope_parameters": _rope_parameters(model),
         "attention_bias": False,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": model.mtp_depths,
         "first_k_dense_replace": moe.first_dense_layers if moe.enabled else model.layers,
     }
     if moe.enabled:

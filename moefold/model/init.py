@@ -95,6 +95,7 @@ def materialize(
     seed: int,
     device: torch.device,
     shard_index: ShardIndex | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Give a meta-device model (after its parallel plan) storage on `device` for what it
     holds and fill it: each parameter from `parameter_values` of its global index, buffers
@@ -103,7 +104,8 @@ def materialize(
     One parameter at a time, its drawn values becoming its storage (no empty tensor filled by
     a copy): the peak is what the rank holds plus one parameter's draw. Unlike
     `Module.to_empty`, the new parameters keep the Python attributes parallel code recorded on
-    them (gradient family, cuts)."""
+    them (gradient family, cuts). `dtype` (bf16 under train.dtype = "bf16") rounds the drawn
+    values; None keeps the skeleton's dtype."""
     made: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays shared
     for module_name, module in model.named_modules():
         for key, param in list(module.named_parameters(recurse=False)):
@@ -112,7 +114,7 @@ def materialize(
                 full_shape, index = shard_index(name, param) if shard_index else (param.shape, None)
                 values = parameter_values(name, full_shape, cfg, seed, index)
                 new = nn.Parameter(
-                    values.to(device=device, dtype=param.dtype),
+                    values.to(device=device, dtype=dtype or param.dtype),
                     requires_grad=param.requires_grad,
                 )
                 for attr, value in vars(param).items():  # not a fake tensor's own fields

@@ -17,7 +17,10 @@ Parameters, exactly as moefold/model builds them (vocabulary not padded):
     router      per MoE layer E*D
     experts     per MoE layer E*3*D*Fe (all routed experts)
     shared      per MoE layer 3*D*Fs, plus D for the shared gate when moe.shared_gate
-total is the sum of the seven. active (per token) follows the convention behind the published
+    mtp         per multi-token prediction depth (model.mtp_depths, model/mtp.py) enorm, hnorm
+                and its final norm 3*D, eh_proj 2*D*D, and one block counted as above (MoE
+                or dense as layer L + depth would be); the embedding and head are shared
+total is the sum of the eight. active (per token) follows the convention behind the published
 figures (Mixtral 8x7B 46.7B / 12.9B, Qwen3-30B-A3B 30.5B / 3.3B): every parameter except the
 routed experts a token does not pick, total - (E - K)*3*D*Fe per MoE layer. The input embedding
 and the untied LM head are both counted in full, each matrix once (a tied matrix once). Dropping
@@ -34,7 +37,8 @@ count (no norms, rotary, softmax, activations, bias adds or embedding lookup). F
     dense MLP              2*3*D*F
     MoE                    2*D*E router + K*2*3*D*Fe routed experts actually used
                            + 2*3*D*Fs + 2*D shared expert and gate
-plus the LM head 2*D*V once. Training multiplies by 3 (forward, input gradients, weight
+plus the LM head 2*D*V once, and per MTP depth eh_proj 2*2*D*D, its block and the LM head
+again. Training multiplies by 3 (forward, input gradients, weight
 gradients). Capacity factors and padding are ignored: the count is the useful work of a dropless
 MoE, which is what MFU divides by. docs/flops.md has a worked example.
 """
@@ -48,7 +52,7 @@ from moefold.config import ModelConfig, MoEConfig
 
 @dataclass(frozen=True, kw_only=True)
 class ParameterCount:
-    """Parameter totals by family; `total` is the sum of the seven families."""
+    """Parameter totals by family; `total` is the sum of the eight families."""
 
     total: int  # every parameter
     active: int  # parameters a token passes through: total minus the unpicked routed experts
@@ -59,6 +63,7 @@ class ParameterCount:
     shared: int  # shared experts and their gates
     router: int  # router weights
     norms: int  # every RMSNorm weight, q_norm/k_norm included
+    mtp: int = 0  # the multi-token prediction depths (their blocks included)
 
 
 def _num_moe_layers(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> int:
@@ -121,8 +126,15 @@ def count_parameters(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParameterCou
         "router": num_moe * moe_cfg.num_experts * d,
         "norms": model_cfg.layers * norms_per_layer + d,
     }
+    depths = model_cfg.mtp_depths
+    mtp_moe = sum(moe_cfg.is_moe_layer(model_cfg.layers + k) for k in range(depths))
+    counts["mtp"] = (
+        depths * (attention_per_layer + norms_per_layer + 3 * d + 2 * d * d)
+        + (depths - mtp_moe) * _swiglu(d, model_cfg.ffn_hidden)
+        + mtp_moe * (moe_cfg.num_experts * (one_expert + d) + shared_per_layer)
+    )
     total = sum(counts.values())
-    unpicked = num_moe * (moe_cfg.num_experts - moe_cfg.topk) * one_expert
+    unpicked = (num_moe + mtp_moe) * (moe_cfg.num_experts - moe_cfg.topk) * one_expert
     return ParameterCount(total=total, active=total - unpicked, **counts)
 
 
@@ -164,6 +176,10 @@ def flops_per_token(
     forward = (
         model_cfg.layers * (projections + scores) + num_dense * dense_mlp + num_moe * moe + lm_head
     )
+    depths = model_cfg.mtp_depths
+    mtp_moe = sum(moe_cfg.is_moe_layer(model_cfg.layers + k) for k in range(depths))
+    forward += depths * (2 * 2 * d * d + projections + scores + lm_head)
+    forward += (depths - mtp_moe) * dense_mlp + mtp_moe * moe
     return float(3 * forward if training else forward)
 
 

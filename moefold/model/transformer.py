@@ -19,6 +19,7 @@ from moefold.kernels import cpu_attention, gemm
 from moefold.kernels.gemm import Linear
 from moefold.kernels.rotary import apply_rotary
 from moefold.model.moe import MoELayer
+from moefold.model.mtp import MTPDepth
 from moefold.model.recompute import RECOMPUTE_MODES, recomputed
 
 
@@ -214,6 +215,12 @@ class Transformer(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else Linear(cfg.hidden, cfg.vocab_size, bias=False)
         )
+        # Multi-token prediction depths (model/mtp.py), on the last pipeline stage.
+        self.mtp = (
+            nn.ModuleDict({str(d): MTPDepth(cfg, moe, d) for d in range(cfg.mtp_depths)})
+            if cfg.mtp_depths
+            else None
+        )
         self.bf16_gemm = "auto"  # train.bf16_gemm for the (possibly tied) LM head
         # Which positions this rank's tokens hold; context/sequence parallelism replace it.
         self.positions = SequencePositions()
@@ -229,7 +236,9 @@ class Transformer(nn.Module):
         """Which activations backward recomputes instead of keeping (train.recompute, see
         moefold/model/recompute.py)."""
         assert mode in RECOMPUTE_MODES, mode
-        for block in self.layers.values():
+        blocks: list = list(self.layers.values())
+        blocks += [depth.block for depth in (self.mtp or {}).values()]
+        for block in blocks:
             block.recompute = mode
             if isinstance(block.mlp, MoELayer):
                 block.mlp.experts.recompute_activation = mode == "moe_act"
@@ -239,7 +248,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, S] (ids, or hidden [B, S, D] on a non-first pipeline stage) -> logits
         [B, S, V] (or hidden on a non-last stage). `positions_S` are the global positions of the
-        local tokens (context parallelism passes its chunks' positions); default 0..S-1."""
+        local tokens (context parallelism passes its chunks' positions); default 0..S-1.
+        With MTP, ids [B, S, 1+D] (model/mtp.py mtp_shard) give logits [B, S, 1+D, V]: the
+        main head's, then each depth's."""
         return self.forward_layers(tokens_BS, list(self.layers), positions_S, first=True, last=True)
 
     def forward_layers(
@@ -251,18 +262,36 @@ class Transformer(nn.Module):
         last: bool = True,
     ) -> torch.Tensor:
         """Run the given blocks; `first` adds the embedding, `last` the norm and LM head.
-        Pipeline stages call this with their own slice of the layers."""
+        Pipeline stages call this with their own slice of the layers. Under MTP the depths'
+        embeddings ride beside the hidden state between stages ([B, S, (1+D) * hidden])."""
         if positions_S is None:
             p = self.positions
             positions_S = p.attention(x.shape[1] * p.tp_size * p.cp_size, x.device)
-        if first:
+        mtp_embeds = None  # [B, S, D, hidden]: embeddings of the ids at p + 1 .. p + D
+        if first and x.dim() == 3:
+            x, mtp_embeds = self.embed(x[..., 0]), self.embed(x[..., 1:])
+        elif first:
             x = self.embed(x)
+        elif x.shape[-1] > self.cfg.hidden:
+            x, carried = x[..., : self.cfg.hidden], x[..., self.cfg.hidden :]
+            mtp_embeds = carried.unflatten(-1, (-1, self.cfg.hidden))
         # Every block rotates by the same tables: made once per forward, as HF's models do.
         rope = model_rotary_tables(positions_S, self.cfg)
         for name in layer_names:
             x = self.layers[name](x, positions_S, rope)
         if not last:
-            return x
-        x = self.norm(x)
+            return x if mtp_embeds is None else torch.cat([x, mtp_embeds.flatten(-2)], dim=-1)
+        logits = self.head(self.norm(x))
+        if mtp_embeds is None:
+            return logits
+        assert self.mtp is not None, "MTP ids given to a model without model.mtp_depths"
+        depth_logits = [logits]
+        for d, depth in enumerate(self.mtp.values()):
+            x = depth(x, mtp_embeds[:, :, d], positions_S, rope)
+            depth_logits.append(self.head(depth.final_norm(x)))
+        return torch.stack(depth_logits, dim=2)
+
+    def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """The LM head (the input embedding when tied), shared by the MTP depths."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return gemm.linear(x, weight, bf16_gemm=self.bf16_gemm)
+        return gemm.linear(x_BSD, weight, bf16_gemm=self.bf16_gemm)

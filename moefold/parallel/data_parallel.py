@@ -20,6 +20,7 @@ from torch import nn
 
 from moefold.model.experts import GroupedExperts
 from moefold.parallel.mesh import ParallelGroups
+from moefold.parallel.mixed_precision import grad_of
 
 FAMILY_ATTR = "moefold_family"
 REDUCE_GROUP = {"expert": "edp", "tensor": "dp_cp", "replicated": "dp_cp_tp"}
@@ -58,7 +59,7 @@ def mark_expert_parameters(model: nn.Module) -> None:
 def _params_by_family(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     by_family: dict[str, list[nn.Parameter]] = {family: [] for family in REDUCE_GROUP}
     for param in model.parameters():
-        if param.grad is not None:
+        if grad_of(param) is not None:
             by_family[parameter_family(param)].append(param)
     return by_family
 
@@ -69,7 +70,7 @@ def grad_sum_of_squares(model: nn.Module, groups: ParallelGroups) -> torch.Tenso
     for family, params in _params_by_family(model).items():
         local = torch.zeros((), dtype=torch.float32)
         if params:  # one norm pass per gradient, no squared copy of each (get_total_norm)
-            grads = [param.grad.detach() for param in params]
+            grads = [grad_of(param).detach() for param in params]
             local += torch.nn.utils.get_total_norm(grads).float().square().cpu()
         distinct = DISTINCT_GROUP[family]
         if distinct is not None and groups.size(distinct) > 1:

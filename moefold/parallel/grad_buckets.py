@@ -38,6 +38,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moefold.parallel.mesh import ParallelGroups
+from moefold.parallel.mixed_precision import grad_dtype, grad_of, set_grad
 
 
 def plan_buckets(nbytes: list[int], keys: list[Hashable], cap_bytes: float) -> list[list[int]]:
@@ -66,7 +67,11 @@ def _stats_family(group_name: str) -> str:
 
 
 def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    out = []
+    for p in params:  # fp32 main gradients under bf16 mixed precision (mixed_precision.py)
+        grad = grad_of(p)
+        out.append(grad if grad is not None else torch.zeros_like(p, dtype=grad_dtype(p)))
+    return out
 
 
 class AllReduceBucket:
@@ -90,9 +95,9 @@ class AllReduceBucket:
     def launch(self) -> None:
         self.flat = _flatten_dense_tensors(_grads(self.params))
         for param in self.params:
-            param.grad = None
+            set_grad(param, None)
         if self.compressor is not None:  # in flight: 1-byte codes; the fp32 copy is dropped
-            self.dtype, self.pending = self.flat.dtype, self.compressor.start(self.flat)
+            self.dtype, self.pending = self.flat.dtype, self.compressor.start(self.flat.float())
             self.flat = None
             return
         self.stats.add_all_reduce(self.family, self.flat, self.size)
@@ -106,7 +111,7 @@ class AllReduceBucket:
             assert self.work is not None, "wait() before launch()"
             self.work.wait()
         for param, grad in zip(self.params, _unflatten_dense_tensors(self.flat, self.params)):
-            param.grad = grad
+            set_grad(param, grad)
         self.flat = self.work = None
 
 
@@ -127,21 +132,29 @@ class ReduceScatterBucket:
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.stats, self.compressor = groups.comm_stats, compressor
         self.flat: torch.Tensor | None = None
+        self.wire: torch.Tensor | None = None
         self.work = self.pending = None
 
     def launch(self) -> None:
-        flat = padded_flat(_grads(self.params), self.out.numel() * self.size).float()
+        # fp32, or bf16 with train.grad_reduce_dtype = "bf16" (received into `wire`, then
+        # upcast into the master gradient on wait)
+        flat = padded_flat(_grads(self.params), self.out.numel() * self.size)
         for param in self.params:  # their sum now lives in the master gradient
-            param.grad = None
+            set_grad(param, None)
         if self.size == 1:
             self.out.copy_(flat)
             return
         if self.compressor is not None:
-            self.pending = self.compressor.start(flat)
+            self.pending = self.compressor.start(flat.float())
             return
-        self.stats.add(self.family, (self.size - 1) * self.out.numel() * self.out.element_size())
-        self.flat = flat  # kept alive until the collective is done
-        self.work = dist.reduce_scatter_tensor(self.out, flat, group=self.group, async_op=True)
+        wire = (
+            self.out
+            if flat.dtype == self.out.dtype
+            else self.out.new_empty(self.out.shape, dtype=flat.dtype)
+        )
+        self.stats.add(self.family, (self.size - 1) * wire.numel() * wire.element_size())
+        self.flat, self.wire = flat, wire  # kept alive until the collective is done
+        self.work = dist.reduce_scatter_tensor(wire, flat, group=self.group, async_op=True)
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -149,13 +162,21 @@ class ReduceScatterBucket:
             self.pending = None
         if self.work is not None:
             self.work.wait()
-        self.flat = self.work = None
+            if self.wire is not self.out:
+                self.out.copy_(self.wire)
+        self.flat = self.work = self.wire = None
 
 
 def padded_flat(tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
-    """The tensors flattened into one 1-D tensor, zero-padded to `numel` elements."""
-    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
-    return torch.nn.functional.pad(flat, (0, numel - flat.numel()))
+    """The tensors flattened into one 1-D tensor, zero-padded to `numel` elements: one
+    allocation (a cat and then a pad would hold two copies of the bucket at once)."""
+    if not tensors:
+        return torch.zeros(numel)
+    used = sum(t.numel() for t in tensors)
+    flat = tensors[0].new_empty(numel)
+    torch.cat([t.reshape(-1) for t in tensors], out=flat[:used])
+    flat[used:].zero_()
+    return flat
 
 
 class GradReducer:

@@ -22,6 +22,15 @@ per (family, decay) group) after backward, or, with `parallel.overlap_grad_reduc
 is reduce-scattered on its own, so this rank's master slice is the concatenation of its 1/n
 slice of each bucket of the group (one bucket: one contiguous 1/n slice).
 
+Mixed precision (`train.dtype = "bf16"`, Megatron-Core's scheme): the model's parameters are
+bf16; both classes keep fp32 main parameters and fp32 AdamW moments (ReplicatedAdamW: a full
+fp32 copy of every bf16 parameter; ShardedAdamW: its 1/n master slices, as in fp32), step
+those and copy (all-gather) the result back into the bf16 parameters. Gradients accumulate
+and reduce in fp32 `main_grad`s, or in bf16 with `train.grad_reduce_dtype = "bf16"`
+(mixed_precision.py). Bytes per parameter: 2 (bf16) + 4 (fp32 gradient) + 12 (master and two
+moments), the last over the reduction group with ZeRO-1. The fp32 main parameters are saved
+in checkpoints under each parameter's "master" entry beside the moments.
+
 `parallel.grad_compression = "bytegrad"` replaces each bucket's collective by its 8-bit
 compressed sum (moefold/parallel/compressed_reduce.py). Under ZeRO-1 only the gradient
 reduce-scatter is compressed: the all-gather of the updated parameters stays in full precision.
@@ -51,8 +60,21 @@ from moefold.parallel.grad_buckets import (
     plan_buckets,
 )
 from moefold.parallel.mesh import ParallelGroups
+from moefold.parallel.mixed_precision import accumulate_in_fp32, grad_of, set_grad
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "master"  # export_state key of the fp32 main parameter of a bf16 parameter
+
+
+def _low_precision(param: nn.Parameter) -> bool:
+    return param.dtype != torch.float32
+
+
+def _prepare_mixed_precision(model: nn.Module, cfg: TrainConfig) -> None:
+    """fp32 main gradients for bf16 parameters unless train.grad_reduce_dtype is bf16; before
+    the reducer registers its own hooks."""
+    if cfg.grad_reduce_dtype == "fp32":
+        accumulate_in_fp32(list(model.parameters()))
 
 
 def decays(name: str, param: nn.Parameter) -> bool:
@@ -95,7 +117,14 @@ class ReplicatedAdamW:
     ) -> None:
         self.model, self.groups = model, groups
         compressors = compressors or {}
+        _prepare_mixed_precision(model, cfg)
         self.named = list(model.named_parameters())
+        # fp32 main parameter of each bf16 one (the tensor AdamW steps); fp32 ones step in place
+        self.masters = {
+            id(p): p.detach().float().requires_grad_(p.requires_grad)
+            for _, p in self.named
+            if _low_precision(p)
+        }
         reduced = [
             (n, p)
             for n, p in self.named
@@ -109,8 +138,8 @@ class ReplicatedAdamW:
             params = [reduced[i][1] for i in b]
             buckets.append(AllReduceBucket(params, group_name, groups, compressors.get(group_name)))
         self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
-        decay = [p for n, p in self.named if decays(n, p)]
-        no_decay = [p for n, p in self.named if not decays(n, p)]
+        decay = [self._stepped(p) for n, p in self.named if decays(n, p)]
+        no_decay = [self._stepped(p) for n, p in self.named if not decays(n, p)]
         self.optimizer = _adamw(
             [
                 {"params": decay, "weight_decay": cfg.weight_decay},
@@ -118,6 +147,10 @@ class ReplicatedAdamW:
             ],
             cfg,
         )
+
+    def _stepped(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor AdamW updates for `param`: its fp32 main parameter, or itself."""
+        return self.masters.get(id(param), param)
 
     def reduce_gradients(self) -> None:
         """Sum every gradient over its family's group (waits for the buckets in flight)."""
@@ -127,21 +160,37 @@ class ReplicatedAdamW:
         return grad_sum_of_squares(self.model, self.groups).sqrt()
 
     def scale_gradients(self, factor: float) -> None:
-        grads = [p.grad for _, p in self.named if p.grad is not None]
+        grads = [grad_of(p) for _, p in self.named if grad_of(p) is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for _, param in self.named:  # main gradients (fp32 already, or the bf16 sum upcast)
+            master = self.masters.get(id(param))
+            if master is not None:
+                grad = grad_of(param)
+                master.grad = None if grad is None else grad.float()
         self.optimizer.step()
+        with torch.no_grad():
+            for _, param in self.named:
+                master = self.masters.get(id(param))
+                if master is not None:
+                    param.copy_(master)
         self.zero_grad()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            for _, param in self.named:
+                set_grad(param, None)
+                param.grad = None
 
     def state_bytes(self) -> int:
-        return sum(
+        """Moments, and the fp32 main parameters of bf16 ones."""
+        masters = sum(m.numel() * m.element_size() for m in self.masters.values())
+        return masters + sum(
             t.numel() * t.element_size()
             for s in self.optimizer.state.values()
             for t in s.values()
@@ -153,19 +202,30 @@ class ReplicatedAdamW:
         loaded into)."""
         out = {}
         for name, param in self.named:
-            slot = self.optimizer.state[param]
+            stepped = self._stepped(param)
+            slot = self.optimizer.state[stepped]
             if not slot:
                 slot["step"] = torch.zeros((), dtype=torch.float32)
                 for key in MOMENTS:
-                    slot[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    slot[key] = torch.zeros_like(stepped, memory_format=torch.preserve_format)
             out[name] = {"step": slot["step"], **{key: slot[key] for key in MOMENTS}}
+            if stepped is not param:
+                out[name][MASTER] = stepped.detach()
         return out
 
     def import_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Moments (and fp32 main parameters) from per-parameter tensors; a bf16 parameter
+        becomes its loaded main parameter rounded, as after a step."""
         for name, param in self.named:
-            slot = self.optimizer.state[param]
+            stepped = self._stepped(param)
+            slot = self.optimizer.state[stepped]
             for key, value in state[name].items():
-                if value is not slot[key]:
+                if key == MASTER:
+                    with torch.no_grad():
+                        if value is not stepped:
+                            stepped.copy_(value)
+                        param.copy_(stepped)
+                elif value is not slot[key]:
                     slot[key].copy_(value)
 
 
@@ -256,6 +316,7 @@ class ShardedAdamW:
     ) -> None:
         self.model, self.groups = model, groups
         compressors = compressors or {}
+        _prepare_mixed_precision(model, cfg)
         named = list(model.named_parameters())
         keys = [(parameter_family(p), decays(n, p)) for n, p in named]
         plan = plan_buckets(_nbytes(named), keys, bucket_bytes or math.inf)
@@ -320,6 +381,7 @@ class ShardedAdamW:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for _, param in self.model.named_parameters():
+            set_grad(param, None)
             param.grad = None
 
     def state_bytes(self) -> int:
@@ -345,20 +407,32 @@ class ShardedAdamW:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for shard, _ in self.shards:
             slot = self._slot(shard)
-            gathered = {key: shard.full(slot[key].detach()) for key in MOMENTS}
+            keys = MOMENTS + ((MASTER,) if _low_precision(shard.named[0][1]) else ())
+            gathered = {
+                key: shard.full((shard.master if key == MASTER else slot[key]).detach())
+                for key in keys
+            }
             for i, (name, _) in enumerate(shard.named):
                 out[name] = {
                     "step": slot["step"].clone(),
-                    **{key: gathered[key][i].clone() for key in MOMENTS},
+                    **{key: gathered[key][i].clone() for key in keys},
                 }
         return out
 
     def import_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Moments from per-parameter tensors; the master slices are re-read from the
-        parameters, which the checkpoint has just loaded."""
+        parameters, which the checkpoint has just loaded (bf16: from the saved fp32 masters,
+        the bf16 parameters becoming their rounding, as after a step)."""
         for shard, _ in self.shards:
+            first = shard.named[0][0]
             with torch.no_grad():
-                shard.master.copy_(shard.local_slice([p.detach() for _, p in shard.named]))
+                if MASTER in state[first]:
+                    masters = [state[name][MASTER] for name, _ in shard.named]
+                    shard.master.copy_(shard.local_slice(masters))
+                    for (_, p), value in zip(shard.named, masters):
+                        p.copy_(value)
+                else:
+                    shard.master.copy_(shard.local_slice([p.detach() for _, p in shard.named]))
             slot = self._slot(shard)
             for key in MOMENTS:
                 slot[key].copy_(shard.local_slice([state[name][key] for name, _ in shard.named]))

@@ -4,7 +4,9 @@ With pp ranks and vpp virtual stages per rank there are V = pp * vpp stages; sta
 contiguous block of layers and lives on pp rank s % pp (the interleaved assignment of
 torch.distributed.pipelining). Layers are deleted from the ModuleDict, never renamed, so
 parameter names (and checkpoints) stay those of the single-device model. The first stage
-keeps the embedding; the last keeps the final norm and the LM head.
+keeps the embedding; the last keeps the final norm, the LM head and the MTP depths (the first
+stage embeds their ids and the stages between pass the embeddings on beside the hidden state,
+so the embedding stays on the first stage alone).
 """
 
 from __future__ import annotations
@@ -65,4 +67,5 @@ def split_for_pipeline(
     if num_stages - 1 not in mine:
         model.norm = None
         model.lm_head = None
+        model.mtp = None
     return [(s, StageModule(model, layers[s], s == 0, s == num_stages - 1)) for s in mine]

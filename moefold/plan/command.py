@@ -20,7 +20,7 @@ import torch
 from moefold.config import ConfigError, load_job
 from moefold.plan.cost import FAMILIES, Candidate, Estimate, Workload
 from moefold.plan.hardware import GIB, Device, device_names, get_device
-from moefold.plan.memory import MEMORY_KINDS
+from moefold.plan.memory import MEMORY_KINDS, MOEFOLD_TP_REPLICATED
 from moefold.plan.search import Plan, estimate_candidate, plan
 
 SCHEMA = "moefold.plan/1"
@@ -102,6 +102,11 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         global_batch=global_batch,
         dtype=job.train.dtype,
         grad_compression=job.parallel.grad_compression,
+        # what moefold builds, not Megatron-Core (plan/cost.py Workload)
+        tp_replicated=MOEFOLD_TP_REPLICATED,
+        grad_shard_apart=True,
+        fp32_norm_copies=True,
+        swiglu_saves=4,
     )
 
 

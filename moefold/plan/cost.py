@@ -97,6 +97,23 @@ class Workload:
     global_batch: int
     dtype: str = "bf16"  # "bf16": bf16 weights + fp32 main grads/master (Megatron); or "fp32"
     grad_compression: str = "none"  # "bytegrad": 8-bit dp/edp gradient reduction
+    # parts kept whole on every tp rank (memory.py TP_PARTS); empty = Megatron-Core's layout,
+    # which the paper calibration assumes; moefold's own is memory.MOEFOLD_TP_REPLICATED
+    tp_replicated: frozenset[str] = frozenset()
+    # ZeRO-1 keeps the reduce-scatter's output (this rank's 1/n of the fp32 gradient) apart
+    # from the full gradient (moefold) instead of inside it (Megatron's contiguous buffer)
+    grad_shard_apart: bool = False
+    # fp32 norms and router saving fp32 copies for backward (moefold's RMSNorm keeps its input
+    # and its normalised output in fp32, its router the fp32 input): 8 bytes per element per
+    # norm, 4 for the router input, where Megatron's fused norm keeps the bf16 input
+    fp32_norm_copies: bool = False
+    # [tokens, F] tensors a SwiGLU keeps for backward: 3 with Megatron's fused activation (fc1
+    # output and the activation), 4 through autograd (moefold: gate, up, silu(gate), product)
+    swiglu_saves: int = 3
+
+    def norm_extra_bytes(self) -> float:
+        """Bytes per token and hidden unit a norm saves beyond the input counted for it."""
+        return 8.0 - self.act_bytes if self.fp32_norm_copies else 0.0
 
     @property
     def act_bytes(self) -> int:
@@ -274,6 +291,7 @@ def _mla(x: _Layer) -> LayerCost:
     # norm input, latents, q, k, v, attention output (per token)
     per_token = 2 * m.hidden + rq + rkv + m.heads * (2 * qk + 2 * m.v_head_dim)
     cost.activations = x.bytes * x.t * per_token
+    cost.activations += x.w.norm_extra_bytes() * x.t * m.hidden
     x.tp_region(cost)
     x.ring(cost, "cp", x.bytes * x.q * c.cp * heads * (qk + m.v_head_dim), 2 * (x.forwards + 1))
     return x.finish(cost, OPS_ATTENTION)
@@ -294,6 +312,7 @@ def _attention(x: _Layer) -> LayerCost:
     cost.compute = cost.attention_core + x.gemms([qkv, (x.q, m.hidden, m.heads * hd / c.tp)])
     # norm input, qkv input (sequence-sharded), q/k/v, attention output
     cost.activations = x.bytes * x.t * (2 * m.hidden + (2 * m.heads + 2 * m.kv_heads) * hd)
+    cost.activations += x.w.norm_extra_bytes() * x.t * m.hidden
     x.tp_region(cost)
     # context parallel: all-gather k and v over cp, reduce-scatter their gradients
     x.ring(cost, "cp", x.bytes * x.q * c.cp * m.kv_heads * hd / c.tp, 2 * (x.forwards + 1))
@@ -304,9 +323,10 @@ def _mlp(x: _Layer, ffn: int, ops: int) -> LayerCost:
     """A tp-sharded SwiGLU MLP (the dense MLP or the shared expert) with its norm input."""
     hidden, tp = x.w.model.hidden, x.c.tp
     cost = LayerCost(activations=x.bytes * x.t * hidden)  # the norm's input
+    cost.activations += x.w.norm_extra_bytes() * x.t * hidden
     if ffn:
         cost.compute = x.gemms([(x.q, 2 * ffn / tp, hidden), (x.q, hidden, ffn / tp)])
-        cost.activations += x.bytes * (x.t * hidden + x.q * 3 * ffn / tp)
+        cost.activations += x.bytes * (x.t * hidden + x.q * x.w.swiglu_saves * ffn / tp)
         x.tp_region(cost)
     return x.finish(cost, ops)
 
@@ -328,7 +348,10 @@ def _routed(x: _Layer) -> LayerCost:
         experts = [(rows_per_expert, 2 * width, m.hidden), (rows_per_expert, m.hidden, width)]
         cost.compute += local_experts * x.gemms(experts)
     # router input, expert inputs (after the etp gather), gate/up, activation, outputs
-    cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * (2 * m.hidden + 3 * width))
+    saved = 2 * m.hidden + x.w.swiglu_saves * width
+    cost.activations = x.bytes * (x.t * m.hidden + rows * c.etp * saved)
+    if x.w.fp32_norm_copies:  # the router's fp32 copy of its input
+        cost.activations += 4 * x.t * m.hidden
     calls = 2 * (x.forwards + 1)  # dispatch and combine: forward(s) and backward
     # a rank sends its own rows (the mean); the exchange lasts as long as the busiest receiver
     sent_per_token = moe.topk

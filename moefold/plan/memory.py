@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 
 MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations", "dispatcher", "runtime")
 
+# Parts that Megatron-Core shards over tp and a framework may keep whole on every tp rank
+# (Workload.tp_replicated): the embedding and LM head tables (Megatron: vocab-parallel) and
+# the shared expert (Megatron: column/row parallel like the dense MLP).
+TP_PARTS = frozenset({"tables", "shared_expert"})
+# moefold (moefold/parallel/tensor_parallel.py): sequence parallel around both, each tp rank
+# running them whole on its own tokens. Their gradients join the replicated family, reduced
+# and (ZeRO-1) sharded over dp x cp x tp rather than dp x cp.
+MOEFOLD_TP_REPLICATED = TP_PARTS
+
 
 @lru_cache(maxsize=4096)
 def rank_layers(num_layers: int, pp: int, vpp: int, moe_flags: tuple[bool, ...]) -> tuple:
@@ -39,35 +48,53 @@ def rank_layers(num_layers: int, pp: int, vpp: int, moe_flags: tuple[bool, ...])
 class LocalParams:
     """Parameters one rank holds, by gradient family."""
 
-    dense: float  # gradients reduced over dp x cp
+    dense: float  # gradients reduced over dp x cp (with tp_replicated: the part below too)
     expert: float  # gradients reduced over edp
+    # of `dense`, what a Workload.tp_replicated layout reduces over dp x cp x tp (every weight
+    # kept whole on each tp rank: norms, routers, and the TP_PARTS it names); 0 = Megatron
+    tp_replicated: float = 0.0
 
 
 def local_params(
     w: Workload, c: Candidate, num_dense: int, num_moe: int, first: bool, last: bool
 ) -> LocalParams:
-    """Parameters of a rank with these layers; the embedding and head are vocab-parallel over
-    tp and the shared expert is tp-sharded (Megatron-Core; moefold replicates both today)."""
+    """Parameters of a rank with these layers. Megatron-Core (empty w.tp_replicated): the
+    embedding and head are vocab-parallel over tp and the shared expert is tp-sharded;
+    moefold (MOEFOLD_TP_REPLICATED) keeps both whole on every tp rank."""
     m, moe = w.model, w.moe
+    tables_tp = 1 if "tables" in w.tp_replicated else c.tp
+    shared_tp = 1 if "shared_expert" in w.tp_replicated else c.tp
     hd = m.resolved_head_dim
     attention = (m.hidden * (m.heads + 2 * m.kv_heads) * hd + m.heads * hd * m.hidden) / c.tp
     if m.attn_bias:
         attention += (m.heads + 2 * m.kv_heads) * hd / c.tp
     norms = 2 * m.hidden + (2 * hd if m.qk_norm else 0)
+    mla_whole = 0.0
     if m.mla:  # model/mla.py: down projections and latent norms replicated over tp
         replicated, split = mla_split(m)
         attention = replicated + split / c.tp
         norms += m.q_lora_rank + m.kv_lora_rank
+        mla_whole = replicated
     dense_layer = attention + norms + 3 * m.hidden * m.ffn_hidden / c.tp
-    moe_dense = attention + norms + moe.num_experts * m.hidden
-    moe_dense += 3 * m.hidden * moe.shared_ffn_hidden / c.tp + (m.hidden if moe.shared_gate else 0)
+    router = moe.num_experts * m.hidden + (m.hidden if moe.shared_gate else 0)
+    shared = 3 * m.hidden * moe.shared_ffn_hidden / shared_tp
+    moe_dense = attention + norms + router + shared
     experts = moe.num_experts / c.ep * 3 * m.hidden * moe.ffn_hidden / c.etp
     dense = num_dense * dense_layer + num_moe * moe_dense
-    tables = m.vocab_size * m.hidden / c.tp
+    tables = m.vocab_size * m.hidden / tables_tp
+    whole_tables = tables if first else 0
     dense += tables if first else 0
     if last:  # final norm, and the LM head unless it is the (first stage's) embedding
-        dense += m.hidden + (0 if m.tie_embeddings else tables)
-    return LocalParams(dense=dense, expert=num_moe * experts)
+        head = 0 if m.tie_embeddings else tables
+        dense += m.hidden + head
+        whole_tables += m.hidden + head
+    whole = 0.0
+    if w.tp_replicated:  # the replicated gradient family of this layout (docstring)
+        whole = (num_dense + num_moe) * (norms + mla_whole)
+        whole += num_moe * router
+        whole += num_moe * shared if shared_tp == 1 else 0
+        whole += whole_tables if tables_tp == 1 else (m.hidden if last else 0)
+    return LocalParams(dense=dense, expert=num_moe * experts, tp_replicated=whole)
 
 
 def in_flight(c: Candidate, rank: int, num_microbatches: int) -> float:
@@ -126,10 +153,19 @@ def memory_breakdown(
         activations = held * activations_per_microbatch + largest_layer
     rows = tokens * w.moe.topk * w.expert_load  # send and receive buffers of the dispatch
     total_params = params.dense + params.expert
+    # parameters whose optimizer state (and, apart, reduced gradient) this rank keeps: all of
+    # them, or its 1/n of each family's reduction group under the distributed optimizer
+    replicated_shard = dense_shard * (c.tp if c.distributed_optimizer else 1)
+    owned = (
+        (params.dense - params.tp_replicated) / dense_shard
+        + params.tp_replicated / replicated_shard
+        + params.expert / expert_shard
+    )
     out = {
         "weights": weight * total_params,
-        "gradients": grad * total_params,
-        "optimizer": state * (params.dense / dense_shard + params.expert / expert_shard),
+        "gradients": grad * total_params
+        + (grad * owned if c.distributed_optimizer and w.grad_shard_apart else 0.0),
+        "optimizer": state * owned,
         "activations": activations * (1 + device.allocator_overhead),
         "dispatcher": (2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0)
         * (1 + device.allocator_overhead),

@@ -18,6 +18,7 @@ from moefold.config import JobConfig
 from moefold.parallel.data_parallel import parameter_shards
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
+from moefold.parallel.mixed_precision import grad_of
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
@@ -40,7 +41,7 @@ def full_state(model: nn.Module, groups: ParallelGroups, grads: bool) -> dict[st
     the stage. Collective over the shard groups."""
     out = {}
     for name, param in model.named_parameters():
-        value = param.grad if grads else param.detach()
+        value = grad_of(param) if grads else param.detach()
         if value is None:
             value = torch.zeros_like(param)
         out[name] = gather_full(value.detach(), parameter_shards(param), groups).clone()

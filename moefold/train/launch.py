@@ -120,7 +120,8 @@ def build_trainer(
     # Sharded construction: a storage-less skeleton, the parallel plan, then only this rank's
     # shards get memory, filled with their slices of the single-process values (model/init.py).
     model, stages = parallelize_model(build_model(job, device="meta"), job, groups)
-    materialize(model, job.model, job.train.seed, device, shard_index(groups))
+    dtype = torch.bfloat16 if job.train.dtype == "bf16" else None  # Megatron-style bf16
+    materialize(model, job.model, job.train.seed, device, shard_index(groups), dtype)
     model.set_recompute(job.train.recompute)
     model.set_bf16_gemm(resolve_bf16_gemm(job.train.bf16_gemm, device, job.model.hidden))
     return Trainer(job, model, stages, groups, train_data, val_data, out_dir, device, peak)

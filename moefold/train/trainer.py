@@ -34,6 +34,7 @@ from moefold.checkpoint import (
 from moefold.config import JobConfig, job_to_dict, job_to_toml
 from moefold.data import BatchLoader, eval_batches
 from moefold.errors import CheckpointRefused, NonFiniteError
+from moefold.model.mtp import mtp_shard
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
@@ -111,7 +112,9 @@ class Trainer:
 
     def _build_runner(self, stages: list):
         if self.groups.size("pp") == 1:
-            return LocalRunner(self.model, self.shard_batch, self.autocast, self.loss_scale)
+            return LocalRunner(
+                self.model, self.shard_batch, self.autocast, self.loss_scale, self.mtp_coeff
+            )
         train, model_cfg = self.job.train, self.job.model
         shapes = StageShapes(
             train.micro_batch,
@@ -119,6 +122,9 @@ class Trainer:
             model_cfg.hidden,
             model_cfg.vocab_size,
             torch.bfloat16 if train.dtype == "bf16" else torch.float32,
+            model_cfg.mtp_depths,
+            # bf16 parameters (Megatron-style mixed precision) keep a bf16 residual stream
+            hidden_dtype=torch.bfloat16 if train.dtype == "bf16" else torch.float32,
         )
         return PipelineRunner(
             stages,
@@ -131,7 +137,12 @@ class Trainer:
             self.loss_scale,
             self.device,
             shapes,
+            self.mtp_coeff,
         )
+
+    @property
+    def mtp_coeff(self) -> float:
+        return self.job.train.mtp_loss_coeff if self.job.model.mtp_depths else 0.0
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -148,6 +159,8 @@ class Trainer:
         """
         batch_BS1 = batch_BS1.to(self.device)
         local = self.model.positions.local(batch_BS1.shape[1] - 1, self.device)
+        if self.job.model.mtp_depths:  # ids and labels [B, s, 1+D], shifted over the full batch
+            return mtp_shard(batch_BS1, local, self.job.model.mtp_depths)
         return batch_BS1[:, :-1][:, local], batch_BS1[:, 1:][:, local]
 
     def train_step(self) -> dict[str, Any]:
@@ -269,6 +282,9 @@ class Trainer:
             "optimizer_state_mb": self.optimizer.state_bytes() / 2**20,
             "skipped_steps": self.skipped_steps,
         }
+        if self.job.model.mtp_depths:  # the mean MTP depth loss, unweighted
+            mtp = self.sum_over_model(self.runner.take_mtp_loss().float().cpu())
+            row["mtp_loss"] = float(mtp) / (num_micro * self.groups.size("tp_cp"))
         row.update(expert_load_metrics(self.model, self.job.model.layers, self.sum_over_model))
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
         return row

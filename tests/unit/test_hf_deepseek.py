@@ -120,7 +120,8 @@ def test_yarn_logits_equal_transformers(mscale_all_dim, tmp_path):
 
 
 def add_mtp_layer(folder, num_layers: int) -> None:
-    """DeepSeek's layout for one MTP depth: layer L's tensors beside the main model's."""
+    """Part of DeepSeek's layout for one MTP depth (layer L beside the main model's), without
+    the depth's attention and MLP (tests/unit/test_hf_deepseek_mtp.py has whole depths)."""
     config = json.loads((folder / "config.json").read_text())
     config["num_nextn_predict_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config))
@@ -139,14 +140,13 @@ def add_mtp_layer(folder, num_layers: int) -> None:
     save_file(shards, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_mtp_layers_in_the_folder_are_skipped_like_transformers(tmp_path):
+def test_an_incomplete_mtp_layer_is_refused_naming_the_tensor(tmp_path):
     reference = random_hf_model(3)
     reference.save_pretrained(tmp_path)
-    add_mtp_layer(tmp_path, reference.config.num_hidden_layers)
-    model = hf.load(tmp_path)
-    ids = token_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), reference(ids).logits, rtol=0, atol=1e-5)
+    layers = reference.config.num_hidden_layers
+    add_mtp_layer(tmp_path, layers)
+    with pytest.raises(ValueError, match=rf"model\.layers\.{layers}\.self_attn\..* is missing"):
+        hf.load(tmp_path)
 
 
 @pytest.mark.parametrize("seed", [0, 5])
