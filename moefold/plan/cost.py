@@ -471,9 +471,15 @@ class CostModel:
         return self._layers[key]
 
     def rank_layers(self, pp: int, vpp: int) -> tuple:
-        """(dense, MoE) layer counts of each pipeline rank."""
+        """(dense, MoE) layer counts of each pipeline rank; the multi-token prediction depths'
+        blocks (model/mtp.py: layers L..L+D-1 by kind) count on the last rank, where they run."""
         if (pp, vpp) not in self._counts:
-            self._counts[(pp, vpp)] = rank_layers(self.w.model.layers, pp, vpp, self.moe_flags)
+            counts = list(rank_layers(self.w.model.layers, pp, vpp, self.moe_flags))
+            m, moe = self.w.model, self.w.moe
+            mtp_moe = sum(moe.is_moe_layer(m.layers + k) for k in range(m.mtp_depths))
+            dense, routed = counts[-1]
+            counts[-1] = (dense + m.mtp_depths - mtp_moe, routed + mtp_moe)
+            self._counts[(pp, vpp)] = tuple(counts)
         return self._counts[(pp, vpp)]
 
     def rank(self, c: Candidate, topo: Topology, rank: int) -> RankCost:
@@ -491,7 +497,8 @@ class CostModel:
         cost, exposed, time = self._sum(c, topo, num_dense, num_moe, last)
         if c.pp > 1:  # each virtual stage sends its output on and receives a gradient back
             tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
-            p2p = 2 * c.vpp * w.act_bytes * tokens * w.model.hidden
+            # with MTP the first stage's embeddings of the D shifted tokens travel alongside
+            p2p = 2 * c.vpp * w.act_bytes * tokens * w.model.hidden * (1 + w.model.mtp_depths)
             span = GroupSpan(2, topo.pp.nodes, topo.pp.off_node, 1)
             p2p_time = collective_time(p2p, span, device, 2 * c.vpp)
             cost = cost.with_pp(p2p, p2p_time)
@@ -514,8 +521,8 @@ class CostModel:
             for layer, count in ((dense, num_dense), (moe, num_moe)):
                 if count:
                     cost = cost.add(layer.scaled(count))
-            if last:
-                cost = cost.add(head)
+            if last:  # the LM head (and loss) once more per multi-token prediction depth
+                cost = cost.add(head.scaled(1 + self.w.model.mtp_depths))
             exposed = dict(cost.comm)
             if self.device.overlap:
                 exposed["tp"] *= 1 - TP_OVERLAP

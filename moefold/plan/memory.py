@@ -87,6 +87,8 @@ def local_params(
     if last:  # final norm, and the LM head unless it is the (first stage's) embedding
         head = 0 if m.tie_embeddings else tables
         dense += m.hidden + head
+        # per MTP depth beyond its block (counted as a layer): eh_proj and three norms, whole
+        dense += m.mtp_depths * (2 * m.hidden * m.hidden + 3 * m.hidden)
         whole_tables += m.hidden + head
     whole = 0.0
     if w.tp_replicated:  # the replicated gradient family of this layout (docstring)
@@ -94,6 +96,7 @@ def local_params(
         whole += num_moe * router
         whole += num_moe * shared if shared_tp == 1 else 0
         whole += whole_tables if tables_tp == 1 else (m.hidden if last else 0)
+        whole += m.mtp_depths * (2 * m.hidden * m.hidden + 3 * m.hidden) if last else 0
     return LocalParams(dense=dense, expert=num_moe * experts, tp_replicated=whole)
 
 

@@ -289,10 +289,11 @@ class Trainer:
         row["comm_bytes"] = self.groups.comm_stats.as_dict()
         return row
 
-    def mfu(self, elapsed: float) -> float:
-        """Model FLOPs per second over the peak of all devices (moefold/model/size.py)."""
+    def mfu(self, elapsed: float) -> float | None:
+        """Model FLOPs per second over the peak of all devices (moefold/model/size.py); None
+        (null in metrics.jsonl, not a non-finite value) when no peak was given."""
         if self.peak is None:
-            return float("nan")
+            return None
         return self.flops_per_step / elapsed / (self.peak.flops_per_s * self.groups.world_size)
 
     # ---- evaluation, checkpoints, loop ----------------------------------------------------

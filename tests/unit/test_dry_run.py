@@ -140,3 +140,20 @@ def test_planner_parameters_match_the_built_shards(rank):
     row = run_rank(job, 4, rank, RoutingOverride())
     plan = PlannerMemory(job, 4).rank(row.pp_rank)
     assert plan["params"] == row.memory_bytes["params"] == 4 * row.param_count
+
+
+def test_planner_counts_the_mtp_depths_on_the_last_stage():
+    """tiny-deepseek with one multi-token prediction depth on pp2 tp2 ep4: the depth's block,
+    eh_proj and norms live on the last stage, and the planner's parameter bytes there equal
+    what the dry run builds (gradients and optimizer state within 1e-4)."""
+    from moefold.dryrun.planner import PlannerMemory
+
+    layout = ["parallel.pp=2", "parallel.tp=2", "parallel.ep=4"]
+    job = load_job("tiny-deepseek", [*layout, "model.mtp_depths=1"])
+    row = run_rank(job, 8, 4, RoutingOverride())
+    plan = PlannerMemory(job, 8).rank(row.pp_rank)
+    assert plan["params"] == row.memory_bytes["params"]
+    for kind in ("grads", "optimizer"):
+        assert plan[kind] == pytest.approx(row.memory_bytes[kind], rel=1e-4), kind
+    without = PlannerMemory(load_job("tiny-deepseek", [*layout, "model.mtp_depths=0"]), 8)
+    assert without.rank(row.pp_rank)["params"] < plan["params"]
