@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from moefold.config import JobConfig
-from moefold.plan.cost import Candidate, CostModel, Workload
+from moefold.plan.cost import Candidate, CostModel, moefold_workload
 from moefold.plan.hardware import gpu_device
-from moefold.plan.memory import MOEFOLD_TP_REPLICATED
 from moefold.plan.search import topology
 
 
@@ -35,18 +34,14 @@ class PlannerMemory:
     allocator and runtime overheads (reported apart, under "allocator_and_runtime")."""
 
     def __init__(self, job: JobConfig, world_size: int, device: str = "h100") -> None:
-        workload = Workload(
-            model=job.model,
-            moe=job.moe,
-            seq_len=job.train.seq_len,
-            global_batch=job.train.global_batch,
-            dtype=job.train.dtype,
-            grad_compression=job.parallel.grad_compression,
-            # what moefold builds (not Megatron's layout): plan/memory.py
-            tp_replicated=MOEFOLD_TP_REPLICATED,
-            grad_shard_apart=True,
-            fp32_norm_copies=True,
-            swiglu_saves=4,
+        train = job.train
+        workload = moefold_workload(
+            job.model,
+            job.moe,
+            train.seq_len,
+            train.global_batch,
+            train.dtype,
+            job.parallel.grad_compression,
         )
         dtype = torch.bfloat16 if job.train.dtype == "bf16" else torch.float32
         self.device = gpu_device(device, dtype)

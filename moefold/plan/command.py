@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from moefold.config import ConfigError, load_job
-from moefold.plan.cost import FAMILIES, Candidate, Estimate, Workload
+from moefold.plan.cost import FAMILIES, Candidate, Estimate, Workload, moefold_workload
 from moefold.plan.hardware import GIB, Device, device_names, get_device
-from moefold.plan.memory import MEMORY_KINDS, MOEFOLD_TP_REPLICATED
+from moefold.plan.memory import MEMORY_KINDS
 from moefold.plan.search import Plan, estimate_candidate, plan
 
 SCHEMA = "moefold.plan/1"
@@ -95,18 +95,8 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             raise ConfigError(f"{flag}: must be >= 1, got {value}; leave it out for the config's")
     seq_len = job.train.seq_len if args.seq_len is None else args.seq_len
     global_batch = job.train.global_batch if args.global_batch is None else args.global_batch
-    return Workload(
-        model=job.model,
-        moe=moe,
-        seq_len=seq_len,
-        global_batch=global_batch,
-        dtype=job.train.dtype,
-        grad_compression=job.parallel.grad_compression,
-        # what moefold builds, not Megatron-Core (plan/cost.py Workload)
-        tp_replicated=MOEFOLD_TP_REPLICATED,
-        grad_shard_apart=True,
-        fp32_norm_copies=True,
-        swiglu_saves=4,
+    return moefold_workload(
+        job.model, moe, seq_len, global_batch, job.train.dtype, job.parallel.grad_compression
     )
 
 

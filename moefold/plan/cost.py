@@ -21,6 +21,7 @@ from moefold.model.experts import cpu_runs_grouped_mm
 from moefold.model.size import flops_per_token
 from moefold.plan.hardware import Device
 from moefold.plan.memory import (
+    MOEFOLD_TP_REPLICATED,
     LocalParams,
     local_params,
     logits_bytes,
@@ -126,6 +127,32 @@ class Workload:
         if cf is None:
             return DROPLESS_IMBALANCE if self.moe.enabled else 1.0
         return cf if self.moe.pad_to_capacity else min(cf, DROPLESS_IMBALANCE)
+
+
+def moefold_workload(
+    model: ModelConfig,
+    moe: MoEConfig,
+    seq_len: int,
+    global_batch: int,
+    dtype: str,
+    grad_compression: str,
+) -> Workload:
+    """The workload as moefold builds it (not Megatron-Core's layout, Workload's defaults):
+    tables and shared expert whole on every tp rank, the reduce-scatter's gradient slice
+    apart, fp32 copies kept by norms and router, four saved SwiGLU tensors. `moefold plan`
+    and the dry run's planner column both use it."""
+    return Workload(
+        model=model,
+        moe=moe,
+        seq_len=seq_len,
+        global_batch=global_batch,
+        dtype=dtype,
+        grad_compression=grad_compression,
+        tp_replicated=MOEFOLD_TP_REPLICATED,
+        grad_shard_apart=True,
+        fp32_norm_copies=True,
+        swiglu_saves=4,
+    )
 
 
 @dataclass
