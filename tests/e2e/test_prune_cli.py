@@ -17,26 +17,16 @@ from moefold.model.transformer import Transformer
 from moefold.prune.apply import PruneSpec, prune_in_place
 from moefold.prune.command import calibration_tokens
 from moefold.prune.pack import pack
+from tests.e2e.test_train import TINY as E2E_TINY
 
+# The e2e tiny model (tests/e2e/test_train.py), with a gated shared expert and wider experts
+# to prune; later --set items win. Steps and checkpoints are set per call.
 TINY = [
-    "model.hidden=32",
-    "model.layers=2",
-    "model.heads=4",
-    "model.kv_heads=2",
-    "model.ffn_hidden=64",
-    "model.vocab_size=96",
-    "moe.num_experts=4",
-    "moe.topk=2",
+    *E2E_TINY,
     "moe.ffn_hidden=48",
     "moe.shared_ffn_hidden=32",
     "moe.shared_gate=true",
-    "train.seq_len=16",
-    "train.global_batch=8",
-    "train.micro_batch=4",
-    "train.warmup_steps=1",
     "train.eval_every=0",
-    "train.eval_batches=2",
-    "data.source=synthetic",
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moefold.testing.dist import run_ranks
-from tests.equivalence.layouts import layout_body, reference
+from tests.equivalence.layouts import assert_matches, layout_body, reference
 
 BF16 = ("train.dtype=bf16",)
 BF16_LOSS_RTOL = 2e-3
@@ -36,17 +36,12 @@ LAYOUTS = {
 
 
 def assert_close_bf16(result: dict, ref: dict) -> None:
-    torch.testing.assert_close(
-        torch.tensor(result["losses"], dtype=torch.float64),
-        torch.tensor(ref["losses"], dtype=torch.float64),
-        rtol=BF16_LOSS_RTOL,
-        atol=0,
-    )
-    torch.testing.assert_close(
-        torch.tensor(result["grad_norms"], dtype=torch.float64),
-        torch.tensor(ref["grad_norms"], dtype=torch.float64),
-        rtol=BF16_GRAD_NORM_RTOL,
-        atol=0,
+    assert_matches(
+        result,
+        ref,
+        check_grads=False,
+        loss_rtol=BF16_LOSS_RTOL,
+        grad_norm_rtol=BF16_GRAD_NORM_RTOL,
     )
 
 
