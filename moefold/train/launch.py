@@ -25,6 +25,7 @@ from moefold.model.size import count_parameters
 from moefold.parallel.apply import parallelize_model, shard_index
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
+from moefold.run_dir import checkpoint_root as run_checkpoint_root
 from moefold.safe_io import RunLock, check_free_space, check_writable
 from moefold.train.heartbeat import HEARTBEAT_DIR, Heartbeat
 from moefold.train.host_memory import keep_freed_host_memory
@@ -133,7 +134,7 @@ def run_training(
     """Train one run into out_dir. Rank 0 holds the folder's lock for the whole run; the
     folder checks run before any process group starts (a refused run leaves no trace)."""
     launch = launch or Launch()
-    checkpoint_root = Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
+    checkpoint_root = run_checkpoint_root(out_dir, job.checkpoint.dir)
     check_run_folders(job, out_dir, checkpoint_root)
     with contextlib.ExitStack() as stack:
         if launch.rank == 0:

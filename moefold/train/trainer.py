@@ -38,6 +38,7 @@ from moefold.model.mtp import mtp_shard
 from moefold.model.size import flops_per_token
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
+from moefold.run_dir import checkpoint_root as run_checkpoint_root
 from moefold.safe_io import atomic_write_text
 from moefold.schedules import StageShapes
 from moefold.train.loggers import ExperimentLoggers
@@ -106,9 +107,7 @@ class Trainer:
         # The MFU denominator is an input (train.peak.mfu_peak, resolved by the launcher): a
         # Trainer built in a test or a notebook measures nothing and writes no cache.
         self.peak = peak
-        self.checkpoint_root = (
-            Path(job.checkpoint.dir) if job.checkpoint.dir else out_dir / "checkpoints"
-        )
+        self.checkpoint_root = run_checkpoint_root(out_dir, job.checkpoint.dir)
 
     def _build_runner(self, stages: list):
         if self.groups.size("pp") == 1:
