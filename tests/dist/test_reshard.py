@@ -13,14 +13,17 @@ from tests.equivalence.layouts import job_for, reference
 STEPS, SAVE_AT = 5, 2
 
 
-def train_body(rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str):
+def train_body(
+    rank, world_size, parallel: dict, stop_after: int, ckpt_dir: str, overrides: tuple = ()
+):
     """Train (resuming from ckpt_dir if it has a checkpoint) and stop after `stop_after` steps,
-    saving there: the schedule is always the 5-step one."""
+    saving there: the schedule is always the 5-step one. Returns rank 0's (step, loss) rows."""
     extra = (
         f"train.steps={STEPS}",
         f"checkpoint.dir={ckpt_dir}",
         "checkpoint.every=0",
         "train.eval_every=0",
+        *overrides,
     )
     job = job_for(extra, parallel)
     groups = build_parallel_groups(ParallelLayout.from_config(job.parallel, world_size))
