@@ -46,6 +46,7 @@ from moefold.errors import (  # re-exported: callers catch them from here
     CheckpointError,
     CheckpointRefused,
 )
+from moefold.parallel.comm import all_ranks_agree
 from moefold.parallel.data_parallel import parameter_shards
 from moefold.safe_io import describe_os_error, find_cause, find_os_error
 
@@ -204,11 +205,8 @@ def _quiet_single_process_notice():
 
 
 def _all_ok(groups, ok: bool) -> bool:
-    """Whether every rank reports success (a MIN all-reduce): no rank waits on a failed one."""
-    flag = torch.tensor([1.0 if ok else 0.0])
-    if groups.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag[0] > 0)
+    """Whether every rank reports success: no rank waits on a failed one."""
+    return all_ranks_agree(ok, groups.group("world"))
 
 
 def _save_failure(tmp: Path, step: int, error: BaseException) -> CheckpointError:

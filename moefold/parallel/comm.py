@@ -29,8 +29,9 @@ Calls that stay outside this module (tests/unit/test_comm_accounting.py holds th
 - parallel/grad_buckets.py, parallel/optimizer.py: the asynchronous gradient all-reduce /
   reduce-scatter of a bucket and ZeRO-1's parameter all-gather; each records its bytes in the
   same CommStats where it launches, since these collectives return a work handle to wait on.
-- parallel/data_parallel.py, parallel/optimizer.py (grad norm), train/trainer.py (the
-  non-finite flag, step metrics): one or a few scalars a step, control traffic, not counted.
+- parallel/data_parallel.py, parallel/optimizer.py (grad norm), train/trainer.py (step
+  metrics): one or a few scalars a step, control traffic, not counted; likewise
+  `all_ranks_agree` here (the non-finite verdict, a checkpoint's save phases).
 - train/step_runner.py: pipeline send/recv run inside torch.distributed.pipelining; the runner
   counts them analytically under "pp" (one boundary tensor per micro-batch and direction).
 - parallel/mesh.py, train/launch.py: barriers at start-up and tear-down, outside any step.
@@ -338,6 +339,15 @@ def all_reduce_sum_(
         dist.all_reduce(x, group=group)
         _record(stats, family, _all_reduce_bytes(x, group.size()))
     return x
+
+
+def all_ranks_agree(ok: bool, group: ProcessGroup) -> bool:
+    """Whether `ok` holds on every rank of `group`: one MIN all-reduce of a flag, so no rank
+    goes on while another failed. Control traffic, not counted (module doc)."""
+    flag = torch.tensor([1.0 if ok else 0.0])
+    if group.size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag[0] > 0)
 
 
 @torch.no_grad()

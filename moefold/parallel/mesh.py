@@ -32,6 +32,7 @@ GROUP_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tp_cp": ("dense", ("cp", "tp")),  # ranks holding parts of one micro-batch
     "dp_cp_tp": ("dense", ("dp", "cp", "tp")),  # one pipeline stage: replicated grads, metrics
     "ep_etp": ("expert", ("ep", "etp")),  # the all-gather dispatcher's token group
+    "world": ("dense", ("pp", "dp", "cp", "tp")),  # every rank: agreeing on a step's outcome
 }
 
 

@@ -36,6 +36,7 @@ from moefold.data import BatchLoader, eval_batches
 from moefold.errors import CheckpointRefused, NonFiniteError
 from moefold.model.mtp import mtp_shard
 from moefold.model.size import flops_per_token
+from moefold.parallel.comm import all_ranks_agree
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.optimizer import build_optimizer
 from moefold.run_dir import checkpoint_root as run_checkpoint_root
@@ -202,16 +203,13 @@ class Trainer:
         return grad_norm
 
     def _finite(self, grad_norm: torch.Tensor, loss_sum: torch.Tensor | None) -> bool:
-        flag = torch.tensor([float(torch.isfinite(grad_norm))])
-        if loss_sum is not None:  # only the last pipeline stage sees the loss: agree everywhere
-            flag[0] *= float(torch.isfinite(loss_sum))
-            self.all_reduce_min(flag)
-        return bool(flag[0] > 0)
-
-    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.groups.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor
+        finite = bool(torch.isfinite(grad_norm))
+        if loss_sum is None:
+            return finite
+        # only the last pipeline stage sees the loss: agree everywhere
+        return all_ranks_agree(
+            finite and bool(torch.isfinite(loss_sum)), self.groups.group("world")
+        )
 
     def handle_nonfinite(self, grad_norm: torch.Tensor) -> None:
         self.optimizer.zero_grad()

@@ -13,7 +13,7 @@ from moefold.train.step_runner import pipeline_p2p_bytes
 
 PACKAGE = Path(__file__).resolve().parents[2] / "moefold"
 COLLECTIVE = re.compile(
-    r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|all_to_all\w*|send|recv|"
+    r"\b(?:dist|torch\.distributed)\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|all_to_all\w*|send|recv|"
     r"isend|irecv|gather\w*|scatter\w*|batch_isend_irecv|barrier)\("
 )
 
