@@ -86,17 +86,18 @@ def _storage_bytes(tensors) -> int:
 
 
 def _grad_tensors(model, optimizer) -> list[torch.Tensor | None]:
-    grads = [grad_of(p) for p in model.parameters()]  # bf16: the fp32 main gradients
-    grads += [shard.grad_buffer for shard, _ in getattr(optimizer, "shards", [])]
+    # bf16: the fp32 main gradients; gradients in buckets are views of the buckets' buffers
+    grads = [grad_of(p) for p in model.parameters()]
+    grads += [bucket.grad_data for bucket in optimizer.reducer.buckets]
+    # ZeRO-1 with bf16 reduction: the fp32 upcast of this rank's reduced slice
+    grads += [p.grad for group in optimizer.optimizer.param_groups for p in group["params"]]
     return grads
 
 
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     slots = optimizer.optimizer.state.values()
     state = [t for slot in slots for t in slot.values() if torch.is_tensor(t)]
-    masters = [shard.master for shard, _ in getattr(optimizer, "shards", [])]
-    masters += list(getattr(optimizer, "masters", {}).values())  # replicated, bf16 params
-    return state + masters
+    return state + optimizer.main_params()
 
 
 def _device_attention(q_BHSDh, k_BGSDh, v_BGSDh, positions_S, bf16_gemm="auto"):

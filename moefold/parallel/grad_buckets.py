@@ -1,8 +1,11 @@
 """Gradient buckets: a step's data-parallel reductions, launched as soon as gradients are final.
 
-A bucket is a run of parameters of one gradient family (data_parallel.py) whose gradients go
-through one collective on the family's reduction group: an all-reduce (ReplicatedAdamW) or a
-reduce-scatter onto this rank's slice of the fp32 master gradient (ShardedAdamW, ZeRO-1).
+A bucket is a run of parameters of one gradient family (data_parallel.py) whose gradients live
+in one contiguous buffer (each gradient a view of it, as in Megatron-Core) and go through one
+collective on the family's reduction group, in place: an all-reduce (ReplicatedAdamW) or a
+reduce-scatter onto this rank's slice of the buffer, its share of the master gradient
+(ShardedAdamW, ZeRO-1). The buffers live for the whole run and are zeroed after each step, so
+gradients cost their 4 (or 2) bytes per parameter once and the reduction copies nothing.
 
 Without overlap each family (ZeRO-1: each (family, weight decay) group) is one bucket, and
 `GradReducer.finish` reduces them all after backward. With `parallel.overlap_grad_reduce`,
@@ -16,8 +19,9 @@ micro-batches never reduce. `finish` launches what the hooks did not (a gradient
 arrived is reduced as zeros, so every rank issues the same collectives) and waits for all.
 
 With `parallel.grad_compression = "bytegrad"` a bucket's collective is the compressed sum of
-moefold/parallel/compressed_reduce.py: launch quantises and starts its all-to-all (async),
-wait finishes it (the all-gather of the re-quantised sums, or for ZeRO-1 nothing more).
+moefold/parallel/compressed_reduce.py: launch quantises the buffer and starts its all-to-all
+(async), wait finishes it (the all-gather of the re-quantised sums, or for ZeRO-1 nothing
+more) and writes the sum back into the buffer.
 
 Order: collectives on one process group must be issued in the same order on every rank, and
 families can share a group (all are WORLD at dp = world size), so buckets launch strictly in
@@ -35,10 +39,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moefold.parallel.mesh import ParallelGroups
-from moefold.parallel.mixed_precision import grad_dtype, grad_of, set_grad
+from moefold.parallel.mixed_precision import grad_dtype, set_grad
 
 
 def plan_buckets(nbytes: list[int], keys: list[Hashable], cap_bytes: float) -> list[list[int]]:
@@ -66,18 +69,28 @@ def _stats_family(group_name: str) -> str:
     return "edp" if group_name == "edp" else "dp"
 
 
-def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    out = []
-    for p in params:  # fp32 main gradients under bf16 mixed precision (mixed_precision.py)
-        grad = grad_of(p)
-        out.append(grad if grad is not None else torch.zeros_like(p, dtype=grad_dtype(p)))
-    return out
+def bind_grad_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
+    """One zeroed buffer of `numel` elements holding the parameters' gradients back to back
+    (zero padding after them), each gradient a view of its run: backward accumulates into it
+    in place (autograd adds into an existing .grad; the fp32 main-gradient hook adds into
+    `main_grad`), so the bucket's collective runs on it with no flat copy. Megatron-Core's
+    contiguous gradient buffer; written here because DDP's `gradient_as_bucket_view` is tied
+    to its own all-reduce and cannot reduce-scatter (ZeRO-1) or reduce over our families."""
+    dtypes = {grad_dtype(p) for p in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"one gradient buffer holds one dtype, got {sorted(map(str, dtypes))}")
+    buffer = torch.zeros(numel, dtype=dtypes.pop(), device=params[0].device)
+    offset = 0
+    for param in params:
+        set_grad(param, buffer[offset : offset + param.numel()].view_as(param))
+        offset += param.numel()
+    return buffer
 
 
 class AllReduceBucket:
-    """Gradients summed over a family's group in one flat all-reduce (or, with a
-    `compressor`, its ByteGrad sum). The buffer holds the only copy while in flight;
-    afterwards each parameter's .grad is a view of it."""
+    """Gradients summed over a family's group by one all-reduce (or, with a `compressor`,
+    its ByteGrad sum) in place in the bucket's gradient buffer, of which every parameter's
+    gradient is a view."""
 
     def __init__(
         self,
@@ -89,82 +102,68 @@ class AllReduceBucket:
         self.params, self.family = params, _stats_family(group_name)
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.stats, self.compressor = groups.comm_stats, compressor
-        self.flat: torch.Tensor | None = None
+        self.grad_data = bind_grad_buffer(params, sum(p.numel() for p in params))
         self.work = self.pending = None
 
     def launch(self) -> None:
-        self.flat = _flatten_dense_tensors(_grads(self.params))
-        for param in self.params:
-            set_grad(param, None)
-        if self.compressor is not None:  # in flight: 1-byte codes; the fp32 copy is dropped
-            self.dtype, self.pending = self.flat.dtype, self.compressor.start(self.flat.float())
-            self.flat = None
+        if self.compressor is not None:  # in flight: 1-byte codes
+            self.pending = self.compressor.start(self.grad_data.float())
             return
-        self.stats.add_all_reduce(self.family, self.flat, self.size)
-        self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+        self.stats.add_all_reduce(self.family, self.grad_data, self.size)
+        self.work = dist.all_reduce(self.grad_data, group=self.group, async_op=True)
 
     def wait(self) -> None:
         if self.pending is not None:
-            self.flat = self.compressor.all_reduce(self.pending).to(self.dtype)
+            self.grad_data.copy_(self.compressor.all_reduce(self.pending))
             self.pending = None
         else:
             assert self.work is not None, "wait() before launch()"
             self.work.wait()
-        for param, grad in zip(self.params, _unflatten_dense_tensors(self.flat, self.params)):
-            set_grad(param, grad)
-        self.flat = self.work = None
+        self.work = None
 
 
 class ReduceScatterBucket:
-    """Gradients summed over a family's group and scattered: this rank receives `out`, its
-    1/n slice of the bucket (padded to a multiple of n), a view of its master gradient. The
-    parameters' own gradients are freed at launch."""
+    """Gradients summed over a family's group and scattered in place: the bucket's gradient
+    buffer is padded to a multiple of n, and this rank's 1/n slice of it (`local`, its share
+    of the master gradient) receives the sum; the rest of the buffer is stale until zeroed."""
 
     def __init__(
         self,
         params: list[nn.Parameter],
         group_name: str,
         groups: ParallelGroups,
-        out: torch.Tensor,
+        shard_numel: int,
         compressor=None,
     ):
-        self.params, self.family, self.out = params, _stats_family(group_name), out
+        self.params, self.family = params, _stats_family(group_name)
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.stats, self.compressor = groups.comm_stats, compressor
-        self.flat: torch.Tensor | None = None
-        self.wire: torch.Tensor | None = None
+        self.grad_data = bind_grad_buffer(params, shard_numel * self.size)
+        rank = dist.get_rank(self.group)
+        self.local = self.grad_data[rank * shard_numel : (rank + 1) * shard_numel]
         self.work = self.pending = None
 
     def launch(self) -> None:
-        # fp32, or bf16 with train.grad_reduce_dtype = "bf16" (received into `wire`, then
-        # upcast into the master gradient on wait)
-        flat = padded_flat(_grads(self.params), self.out.numel() * self.size)
-        for param in self.params:  # their sum now lives in the master gradient
-            set_grad(param, None)
+        # fp32, or bf16 with train.grad_reduce_dtype = "bf16" (the optimizer upcasts `local`)
         if self.size == 1:
-            self.out.copy_(flat)
             return
         if self.compressor is not None:
-            self.pending = self.compressor.start(flat.float())
+            self.pending = self.compressor.start(self.grad_data.float())
             return
-        wire = (
-            self.out
-            if flat.dtype == self.out.dtype
-            else self.out.new_empty(self.out.shape, dtype=flat.dtype)
+        self.stats.add(
+            self.family, (self.size - 1) * self.local.numel() * self.local.element_size()
         )
-        self.stats.add(self.family, (self.size - 1) * wire.numel() * wire.element_size())
-        self.flat, self.wire = flat, wire  # kept alive until the collective is done
-        self.work = dist.reduce_scatter_tensor(wire, flat, group=self.group, async_op=True)
+        self.work = dist.reduce_scatter_single(
+            self.local, self.grad_data, group=self.group, async_op=True
+        )
 
     def wait(self) -> None:
         if self.pending is not None:
-            self.out.copy_(self.compressor.reduce_scatter(self.pending))
+            self.local.copy_(self.compressor.reduce_scatter(self.pending))
             self.pending = None
         if self.work is not None:
             self.work.wait()
-            if self.wire is not self.out:
-                self.out.copy_(self.wire)
-        self.flat = self.work = self.wire = None
+        self.work = None
 
 
 def padded_flat(tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
@@ -216,6 +215,12 @@ class GradReducer:
             while self._next < len(self.buckets) and self._waiting[self._next] == 0:
                 self.buckets[self._next].launch()
                 self._next += 1
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero every bucket's gradient buffer (the gradients stay views of them)."""
+        for bucket in self.buckets:
+            bucket.grad_data.zero_()
 
     @torch.no_grad()
     def finish(self) -> None:

@@ -5,11 +5,13 @@ step(lr), and export_state / import_state for checkpoints (per-parameter tensors
 the local parameter, so a checkpoint does not depend on which optimizer or layout wrote it).
 
 ShardedAdamW (`parallel.distributed_optimizer = true`, Megatron's distributed optimizer):
-the gradients of each (family, weight-decay) group are flattened into one buffer and
-reduce-scattered over the family's reduction group (dp x cp x tp for replicated weights,
-dp x cp for tensor-parallel shards, edp for experts). Each rank keeps fp32 master weights and
-AdamW moments for its 1/n slice only, steps it, and all-gathers the updated slices back into
-the parameters. Optimizer memory per rank falls by the size of the reduction group.
+the parameters of each (family, weight-decay) group are laid out bucket by bucket in contiguous
+parameter and gradient buffers (parameters and gradients are views of them), and each bucket's
+gradient buffer is reduce-scattered in place over the family's reduction group (dp x cp x tp
+for replicated weights, dp x cp for tensor-parallel shards, edp for experts). Each rank keeps
+AdamW moments (and, for bf16 parameters, fp32 master weights) for its 1/n slice only, steps
+it, and all-gathers the updated slices back into the parameter buffers in place. Optimizer
+memory per rank falls by the size of the reduction group.
 
 Written here rather than with FSDP2's fully_shard: fully_shard reduces each parameter over
 one mesh, but the replicated family must be summed over dp x cp x tp while its replicas of
@@ -19,17 +21,18 @@ the sharded families only span dp x cp, and FSDP2 would also shard the parameter
 Gradient reduction runs in buckets (moefold/parallel/grad_buckets.py): one per family (ZeRO-1:
 per (family, decay) group) after backward, or, with `parallel.overlap_grad_reduce`, buckets of
 `parallel.grad_bucket_mb` launched during the step's last backward. Under ZeRO-1 every bucket
-is reduce-scattered on its own, so this rank's master slice is the concatenation of its 1/n
-slice of each bucket of the group (one bucket: one contiguous 1/n slice).
+is reduce-scattered on its own, so this rank's masters are its 1/n slice of each bucket of
+the group, one AdamW tensor per bucket.
 
 Mixed precision (`train.dtype = "bf16"`, Megatron-Core's scheme): the model's parameters are
 bf16; both classes keep fp32 main parameters and fp32 AdamW moments (ReplicatedAdamW: a full
-fp32 copy of every bf16 parameter; ShardedAdamW: its 1/n master slices, as in fp32), step
-those and copy (all-gather) the result back into the bf16 parameters. Gradients accumulate
-and reduce in fp32 `main_grad`s, or in bf16 with `train.grad_reduce_dtype = "bf16"`
-(mixed_precision.py). Bytes per parameter: 2 (bf16) + 4 (fp32 gradient) + 12 (master and two
-moments), the last over the reduction group with ZeRO-1. The fp32 main parameters are saved
-in checkpoints under each parameter's "master" entry beside the moments.
+fp32 copy of every bf16 parameter; ShardedAdamW: its 1/n master slices), step those and copy
+(all-gather) the result back into the bf16 parameters. Gradients accumulate and reduce in
+fp32 `main_grad`s, or in bf16 with `train.grad_reduce_dtype = "bf16"` (mixed_precision.py).
+Bytes per parameter, as Megatron-Core counts them: 2 (bf16) + 4 (fp32 gradient) + 12 (master
+and two moments), or 6 + 12/n with ZeRO-1; fp32 parameters are their own masters: 4 + 4 + 8,
+or 8 + 8/n. The fp32 main parameters are saved in checkpoints under each parameter's "master"
+entry beside the moments.
 
 `parallel.grad_compression = "bytegrad"` replaces each bucket's collective by its 8-bit
 compressed sum (moefold/parallel/compressed_reduce.py). Under ZeRO-1 only the gradient
@@ -138,6 +141,8 @@ class ReplicatedAdamW:
             params = [reduced[i][1] for i in b]
             buckets.append(AllReduceBucket(params, group_name, groups, compressors.get(group_name)))
         self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
+        # gradients that are views of a bucket's buffer (the rest are autograd's own tensors)
+        self.buffered = {id(p) for bucket in buckets for p in bucket.params}
         decay = [self._stepped(p) for n, p in self.named if decays(n, p)]
         no_decay = [self._stepped(p) for n, p in self.named if not decays(n, p)]
         self.optimizer = _adamw(
@@ -181,15 +186,31 @@ class ReplicatedAdamW:
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.masters:
-            for _, param in self.named:
+        """Buffered gradients zeroed in place (they stay views of their bucket); the others,
+        and the fp32 main parameters' gradients, dropped."""
+        for master in self.masters.values():
+            master.grad = None
+        self.reducer.zero_grad()
+        for _, param in self.named:
+            if id(param) not in self.buffered:
                 set_grad(param, None)
                 param.grad = None
 
+    def main_params(self) -> list[torch.Tensor]:
+        """The fp32 main parameters of bf16 ones (fp32 parameters are stepped in place)."""
+        return list(self.masters.values())
+
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """Re-read the fp32 main parameters from parameters loaded in place (init_from)."""
+        for _, param in self.named:
+            master = self.masters.get(id(param))
+            if master is not None:
+                master.copy_(param)
+
     def state_bytes(self) -> int:
         """Moments, and the fp32 main parameters of bf16 ones."""
-        masters = sum(m.numel() * m.element_size() for m in self.masters.values())
+        masters = sum(m.numel() * m.element_size() for m in self.main_params())
         return masters + sum(
             t.numel() * t.element_size()
             for s in self.optimizer.state.values()
@@ -229,11 +250,35 @@ class ReplicatedAdamW:
                     slot[key].copy_(value)
 
 
-class _FlatShard:
-    """One (family, decay) group of parameters, flattened bucket by bucket: each bucket is
-    padded to a multiple of n and this rank owns one 1/n slice of every bucket.
+@torch.no_grad()
+def _bind_param_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
+    """One buffer of `numel` elements holding the parameters' values back to back (zero
+    padding after them); each parameter's data becomes a view of its run, so an all-gather
+    into the buffer updates them all in place."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"one parameter buffer holds one dtype, got {sorted(map(str, dtypes))}")
+    buffer = torch.zeros(numel, dtype=dtypes.pop(), device=params[0].device)
+    offset = 0
+    for param in params:
+        view = buffer[offset : offset + param.numel()]
+        view.copy_(param.detach().reshape(-1))
+        param.data = view.view_as(param)
+        offset += param.numel()
+    return buffer
 
-    `bucket_sizes` are the numbers of consecutive parameters of `named` in each bucket.
+
+class _FlatShard:
+    """One (family, decay) group of parameters, bucket by bucket, as Megatron-Core's
+    distributed optimizer lays them out. Each bucket's parameters are views of one contiguous
+    parameter buffer and their gradients views of one gradient buffer (ReduceScatterBucket),
+    both padded to a multiple of n; this rank owns the same 1/n slice of both.
+
+    A bucket's master is that slice of the parameter buffer itself for fp32 parameters (no
+    copy), or an fp32 copy of it for bf16 ones; its gradient is the slice of the gradient
+    buffer the reduce-scatter writes (upcast when gradients reduce in bf16). After the step
+    the slice is all-gathered in place into the parameter buffer. `bucket_sizes` are the
+    numbers of consecutive parameters of `named` in each bucket.
     """
 
     def __init__(
@@ -242,6 +287,7 @@ class _FlatShard:
         bucket_sizes: list[int],
         group_name: str,
         groups: ParallelGroups,
+        compressor=None,
     ) -> None:
         self.named, self.group_name = named, group_name
         self.group, self.size = groups.group(group_name), groups.size(group_name)
@@ -251,24 +297,41 @@ class _FlatShard:
         self.numels = [sum(named[i][1].numel() for i in b) for b in self.buckets]
         self.shard_numels = [-(-numel // self.size) for numel in self.numels]
         self.shard_numel = sum(self.shard_numels)
-        self.master = nn.Parameter(self.local_slice([p.detach() for _, p in named]).float())
-        self.grad_buffer = torch.zeros_like(self.master.detach())
+        self.param_data: list[torch.Tensor] = []
+        self.param_local: list[torch.Tensor] = []  # this rank's slice of each parameter buffer
+        self.masters: list[nn.Parameter] = []
+        self.reducers: list[ReduceScatterBucket] = []
+        for bucket, shard in zip(self.buckets, self.shard_numels):
+            params = [named[i][1] for i in bucket]
+            data = _bind_param_buffer(params, shard * self.size)
+            local = data[self.rank * shard : (self.rank + 1) * shard]
+            self.param_data.append(data)
+            self.param_local.append(local)
+            self.masters.append(nn.Parameter(local if self.aliased else local.float()))
+            self.reducers.append(ReduceScatterBucket(params, group_name, groups, shard, compressor))
 
-    def local_slice(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's slice of each bucket of `tensors` (one per parameter), concatenated."""
+    @property
+    def aliased(self) -> bool:
+        """fp32 parameters: the masters are slices of the parameter buffers themselves."""
+        return not _low_precision(self.named[0][1])
+
+    def local_slice(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's slice of each bucket of `tensors` (one per parameter)."""
         pieces = []
         for bucket, shard in zip(self.buckets, self.shard_numels):
             flat = padded_flat([tensors[i] for i in bucket], shard * self.size)
             pieces.append(flat[self.rank * shard : (self.rank + 1) * shard])
-        return torch.cat(pieces)
+        return pieces
 
-    def full(self, local: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `local_slice` gathered back into per-parameter tensors (collective)."""
+    def full(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's `local_slice` gathered back into per-parameter tensors (collective;
+        for checkpoints: a transient full copy)."""
+        local_flat = torch.cat([t.reshape(-1) for t in local])
         if self.size > 1:
-            gathered = local.new_empty(self.size * self.shard_numel)
-            dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.group)
+            gathered = local_flat.new_empty(self.size * self.shard_numel)
+            dist.all_gather_single(gathered, local_flat, group=self.group)
         else:
-            gathered = local
+            gathered = local_flat
         rows = gathered.view(self.size, self.shard_numel)
         out: list[torch.Tensor] = [torch.empty(0)] * len(self.named)
         first = 0
@@ -280,26 +343,26 @@ class _FlatShard:
             first += shard
         return out
 
-    def reduce_scatter_buckets(
-        self, groups: ParallelGroups, compressor=None
-    ) -> list[ReduceScatterBucket]:
-        """One bucket per slice of the master gradient, in this shard's bucket order."""
-        out, first = [], 0
-        for bucket, shard in zip(self.buckets, self.shard_numels):
-            params = [self.named[i][1] for i in bucket]
-            view = self.grad_buffer[first : first + shard]
-            out.append(ReduceScatterBucket(params, self.group_name, groups, view, compressor))
-            first += shard
-        return out
+    def attach_master_grads(self) -> None:
+        """The reduced slices become the masters' gradients (fp32: views; bf16: upcast)."""
+        for master, reducer in zip(self.masters, self.reducers):
+            master.grad = reducer.local.float()
+
+    def master_grads(self) -> list[torch.Tensor]:
+        grads = [master.grad for master in self.masters]
+        assert all(g is not None for g in grads), "master_grads() before reduce_gradients()"
+        return grads  # type: ignore[return-value]
 
     @torch.no_grad()
     def all_gather_params(self, stats) -> None:
-        param = self.named[0][1]
-        if self.size > 1:
-            family = "edp" if self.group_name == "edp" else "dp"
-            stats.add(family, (self.size - 1) * self.shard_numel * param.element_size())
-        for (_, p), value in zip(self.named, self.full(self.master.detach().to(param.dtype))):
-            p.copy_(value)
+        """The stepped master slices into every rank's parameter buffers, in place."""
+        for master, data, local in zip(self.masters, self.param_data, self.param_local):
+            if not self.aliased:
+                local.copy_(master)  # rounded to the parameters' dtype
+            if self.size > 1:
+                family = "edp" if self.group_name == "edp" else "dp"
+                stats.add(family, (self.size - 1) * local.numel() * local.element_size())
+                dist.all_gather_single(data, local, group=self.group)
 
 
 class ShardedAdamW:
@@ -327,17 +390,21 @@ class ShardedAdamW:
                 mine = [b for b in plan if keys[b[0]] == (family, with_decay)]
                 if mine:
                     members = [named[i] for b in mine for i in b]
-                    shard = _FlatShard(members, [len(b) for b in mine], group_name, groups)
-                    self.shards.append((shard, with_decay))
-                    by_key[family, with_decay] = shard.reduce_scatter_buckets(
-                        groups, compressors.get(group_name)
+                    shard = _FlatShard(
+                        members,
+                        [len(b) for b in mine],
+                        group_name,
+                        groups,
+                        compressors.get(group_name),
                     )
+                    self.shards.append((shard, with_decay))
+                    by_key[family, with_decay] = list(shard.reducers)
         # every bucket in plan order: the order of launch on every rank
         buckets = [by_key[keys[b[0]]].pop(0) for b in plan]
         self.reducer = GradReducer(buckets, bucket_bytes is not None, backwards_per_step)
         self.optimizer = _adamw(
             [
-                {"params": [s.master], "weight_decay": cfg.weight_decay if d else 0.0}
+                {"params": list(s.masters), "weight_decay": cfg.weight_decay if d else 0.0}
                 for s, d in self.shards
             ],
             cfg,
@@ -347,14 +414,15 @@ class ShardedAdamW:
         """Reduce-scatter every bucket (waits for those in flight) into the master gradients."""
         self.reducer.finish()
         for shard, _ in self.shards:
-            shard.master.grad = shard.grad_buffer
+            shard.attach_master_grads()
 
     def grad_norm(self) -> torch.Tensor:
         """Each family's slices partition its (tp/ep-local) gradient: sum over the reduction
         group, then over the group whose shards are distinct, then over pipeline stages."""
         total = torch.zeros((), dtype=torch.float32)
         for shard, _ in self.shards:
-            local = shard.master.grad.float().pow(2).sum().cpu()
+            local = torch.stack([g.float().pow(2).sum() for g in shard.master_grads()]).sum()
+            local = local.cpu()
             if shard.size > 1:
                 dist.all_reduce(local, group=shard.group)
             family = parameter_family(shard.named[0][1])
@@ -368,7 +436,7 @@ class ShardedAdamW:
 
     def scale_gradients(self, factor: float) -> None:
         for shard, _ in self.shards:
-            shard.master.grad.mul_(factor)
+            torch._foreach_mul_(shard.master_grads(), factor)
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -379,13 +447,25 @@ class ShardedAdamW:
             shard.all_gather_params(self.groups.comm_stats)
 
     def zero_grad(self) -> None:
+        """The masters' gradients dropped; the gradient buffers zeroed (the parameters'
+        gradients stay views of them)."""
         self.optimizer.zero_grad(set_to_none=True)
-        for _, param in self.model.named_parameters():
-            set_grad(param, None)
-            param.grad = None
+        self.reducer.zero_grad()
+
+    def main_params(self) -> list[torch.Tensor]:
+        """The fp32 master slices this optimizer holds apart from the parameters (bf16)."""
+        return [m for s, _ in self.shards if not s.aliased for m in s.masters]
+
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """Re-read the fp32 master slices from parameters loaded in place (init_from)."""
+        for shard, _ in self.shards:
+            if not shard.aliased:
+                for master, local in zip(shard.masters, shard.param_local):
+                    master.copy_(local)
 
     def state_bytes(self) -> int:
-        masters = sum(s.master.numel() * s.master.element_size() for s, _ in self.shards)
+        masters = sum(m.numel() * m.element_size() for m in self.main_params())
         moments = sum(
             t.numel() * t.element_size()
             for s in self.optimizer.state.values()
@@ -394,49 +474,60 @@ class ShardedAdamW:
         )
         return masters + moments
 
-    def _slot(self, shard: _FlatShard) -> dict:
-        slot = self.optimizer.state[shard.master]
-        if not slot:
-            slot["step"] = torch.zeros((), dtype=torch.float32)
-            for key in MOMENTS:
-                slot[key] = torch.zeros_like(shard.master)
-        return slot
+    def _slots(self, shard: _FlatShard) -> list[dict]:
+        slots = []
+        for master in shard.masters:
+            slot = self.optimizer.state[master]
+            if not slot:
+                slot["step"] = torch.zeros((), dtype=torch.float32)
+                for key in MOMENTS:
+                    slot[key] = torch.zeros_like(master)
+            slots.append(slot)
+        return slots
 
     def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-parameter moments gathered from the slices (a transient full copy, for saving)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for shard, _ in self.shards:
-            slot = self._slot(shard)
-            keys = MOMENTS + ((MASTER,) if _low_precision(shard.named[0][1]) else ())
+            slots = self._slots(shard)
+            keys = MOMENTS + ((MASTER,) if not shard.aliased else ())
             gathered = {
-                key: shard.full((shard.master if key == MASTER else slot[key]).detach())
+                key: shard.full(
+                    [m.detach() for m in shard.masters]
+                    if key == MASTER
+                    else [slot[key] for slot in slots]
+                )
                 for key in keys
             }
             for i, (name, _) in enumerate(shard.named):
                 out[name] = {
-                    "step": slot["step"].clone(),
+                    "step": slots[0]["step"].clone(),
                     **{key: gathered[key][i].clone() for key in keys},
                 }
         return out
 
     def import_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Moments from per-parameter tensors; the master slices are re-read from the
-        parameters, which the checkpoint has just loaded (bf16: from the saved fp32 masters,
-        the bf16 parameters becoming their rounding, as after a step)."""
+        """Moments from per-parameter tensors. The master slices: fp32, the parameters the
+        checkpoint has just loaded (the same storage); bf16, the saved fp32 masters, the bf16
+        parameters becoming their rounding, as after a step (without saved masters: the
+        loaded bf16 parameters)."""
+        self.refresh_masters()
         for shard, _ in self.shards:
             first = shard.named[0][0]
-            with torch.no_grad():
-                if MASTER in state[first]:
-                    masters = [state[name][MASTER] for name, _ in shard.named]
-                    shard.master.copy_(shard.local_slice(masters))
+            if MASTER in state[first] and not shard.aliased:
+                masters = [state[name][MASTER] for name, _ in shard.named]
+                with torch.no_grad():
+                    for master, value in zip(shard.masters, shard.local_slice(masters)):
+                        master.copy_(value)
                     for (_, p), value in zip(shard.named, masters):
                         p.copy_(value)
-                else:
-                    shard.master.copy_(shard.local_slice([p.detach() for _, p in shard.named]))
-            slot = self._slot(shard)
-            for key in MOMENTS:
-                slot[key].copy_(shard.local_slice([state[name][key] for name, _ in shard.named]))
-            slot["step"].copy_(state[shard.named[0][0]]["step"])
+            for slot, *values in zip(
+                self._slots(shard),
+                *(shard.local_slice([state[n][key] for n, _ in shard.named]) for key in MOMENTS),
+            ):
+                for key, value in zip(MOMENTS, values):
+                    slot[key].copy_(value)
+                slot["step"].copy_(state[first]["step"])
 
 
 def build_optimizer(

@@ -101,9 +101,6 @@ class Workload:
     # parts kept whole on every tp rank (memory.py TP_PARTS); empty = Megatron-Core's layout,
     # which the paper calibration assumes; moefold's own is memory.MOEFOLD_TP_REPLICATED
     tp_replicated: frozenset[str] = frozenset()
-    # ZeRO-1 keeps the reduce-scatter's output (this rank's 1/n of the fp32 gradient) apart
-    # from the full gradient (moefold) instead of inside it (Megatron's contiguous buffer)
-    grad_shard_apart: bool = False
     # fp32 norms and router saving fp32 copies for backward (moefold's RMSNorm keeps its input
     # and its normalised output in fp32, its router the fp32 input): 8 bytes per element per
     # norm, 4 for the router input, where Megatron's fused norm keeps the bf16 input
@@ -138,9 +135,8 @@ def moefold_workload(
     grad_compression: str,
 ) -> Workload:
     """The workload as moefold builds it (not Megatron-Core's layout, Workload's defaults):
-    tables and shared expert whole on every tp rank, the reduce-scatter's gradient slice
-    apart, fp32 copies kept by norms and router, four saved SwiGLU tensors. `moefold plan`
-    and the dry run's planner column both use it."""
+    tables and shared expert whole on every tp rank, fp32 copies kept by norms and router,
+    four saved SwiGLU tensors. `moefold plan` and the dry run's planner column both use it."""
     return Workload(
         model=model,
         moe=moe,
@@ -149,7 +145,6 @@ def moefold_workload(
         dtype=dtype,
         grad_compression=grad_compression,
         tp_replicated=MOEFOLD_TP_REPLICATED,
-        grad_shard_apart=True,
         fp32_norm_copies=True,
         swiglu_saves=4,
     )

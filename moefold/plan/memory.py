@@ -156,8 +156,8 @@ def memory_breakdown(
         activations = held * activations_per_microbatch + largest_layer
     rows = tokens * w.moe.topk * w.expert_load  # send and receive buffers of the dispatch
     total_params = params.dense + params.expert
-    # parameters whose optimizer state (and, apart, reduced gradient) this rank keeps: all of
-    # them, or its 1/n of each family's reduction group under the distributed optimizer
+    # parameters whose optimizer state this rank keeps: all of them, or its 1/n of each
+    # family's reduction group under the distributed optimizer
     replicated_shard = dense_shard * (c.tp if c.distributed_optimizer else 1)
     owned = (
         (params.dense - params.tp_replicated) / dense_shard
@@ -166,8 +166,7 @@ def memory_breakdown(
     )
     out = {
         "weights": weight * total_params,
-        "gradients": grad * total_params
-        + (grad * owned if c.distributed_optimizer and w.grad_shard_apart else 0.0),
+        "gradients": grad * total_params,
         "optimizer": state * owned,
         "activations": activations * (1 + device.allocator_overhead),
         "dispatcher": (2 * rows * w.model.hidden * w.act_bytes if w.moe.enabled else 0.0)

@@ -372,6 +372,7 @@ class Trainer:
             self.job.checkpoint.init_from, sections["model"], sections["moe"]
         )
         load_checkpoint(path, self.model, None, self.groups)
+        self.optimizer.refresh_masters()  # bf16: the fp32 main parameters follow the weights
         return path
 
     def train(self) -> list[dict[str, Any]]:

@@ -34,12 +34,27 @@ def test_distributed_optimizer_holds_6_plus_12_over_dp(reduce_dtype, grad_bytes)
     # tiny-moe on 4 ranks: dp = edp = 4, every family sharded 4 ways
     row = _row(["parallel.distributed_optimizer=true", f"train.grad_reduce_dtype={reduce_dtype}"])
     n, mem = row.param_count, row.memory_bytes
-    assert mem["params"] == 2 * n
-    # 12 / dp, up to each flat bucket's padding to a multiple of 4 elements
-    assert mem["optimizer"] == pytest.approx(12 * n / 4, abs=12 * 4 * 8 + 64)
-    # the gradients as backward leaves them, plus the fp32 reduced slice kept apart (4 / dp)
-    assert mem["grads"] == pytest.approx(grad_bytes * n + 4 * n / 4, abs=4 * 4 * 8)
+    pad = 4 * 8 * 16  # each (family, decay) buffer padded to a multiple of 4 elements
+    assert mem["params"] == pytest.approx(2 * n, abs=pad)
+    assert mem["optimizer"] == pytest.approx(12 * n / 4, abs=3 * pad + 64)
+    # one gradient buffer, reduce-scattered in place (Megatron's); reduced in bf16, the
+    # optimizer's fp32 copy of this rank's slice comes on top
+    upcast = 4 * n / 4 if reduce_dtype == "bf16" else 0
+    assert mem["grads"] == pytest.approx(grad_bytes * n + upcast, abs=2 * pad)
+    if reduce_dtype == "fp32":  # Megatron-Core's 6 + 12/dp
+        total = mem["params"] + mem["grads"] + mem["optimizer"]
+        assert total == pytest.approx((6 + 12 / 4) * n, abs=6 * pad + 64)
     assert row.comm_bytes["dp"] > 0
+
+
+def test_fp32_distributed_optimizer_steps_the_parameters_in_place():
+    """fp32 parameters are their own masters (Megatron): 4 + 4 + 8/dp bytes per parameter."""
+    job = load_job("tiny-moe", ["parallel.distributed_optimizer=true"])
+    row = run_rank(job, 4, 0, RoutingOverride())
+    n, mem, pad = row.param_count, row.memory_bytes, 4 * 8 * 16
+    assert mem["params"] == pytest.approx(4 * n, abs=pad)
+    assert mem["grads"] == pytest.approx(4 * n, abs=pad)
+    assert mem["optimizer"] == pytest.approx(8 * n / 4, abs=2 * pad + 64)
 
 
 def test_planner_predicts_the_moefold_tp_layout():
