@@ -24,6 +24,7 @@ FAST_REPRESENTATIVES = {
     "tests/dist/test_parameter_families.py::test_every_parameter_in_exactly_one_family[dp4]",
     "tests/dist/test_reshard.py::"
     "test_resume_under_another_layout_matches_single_process[dp1->dp2__ep2-allgather]",
+    "tests/e2e/test_convert_memory.py::test_convert_from_hf_holds_a_fraction_of_the_model",
     "tests/e2e/test_checkpoint_safety.py::"
     "test_second_run_into_a_folder_in_use_stops_naming_the_holder",
     "tests/e2e/test_fault_tolerance.py::test_nonfinite_stop_saves_nothing_and_raises",

@@ -58,6 +58,7 @@ from moefold.interop.hf_config import (  # noqa: F401 (FAMILIES, MOE_FAMILIES: r
 )
 from moefold.interop.output_dir import atomic_output_dir, check_output_dir
 from moefold.interop.safetensors_folder import SafetensorsFolder, read_json_object
+from moefold.interop.stream_save import save_streamed
 from moefold.model.transformer import Transformer
 
 HF_CONFIG_SIDECAR = "hf_config.json"  # the source config.json, kept beside an imported checkpoint
@@ -214,11 +215,15 @@ class ShardWriter:
 # ---- tensor streams -------------------------------------------------------------------------
 
 
-def expected_shapes(model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Size]:
-    """Name -> shape of every state-dict tensor of the moefold model (built on the meta device)."""
+def meta_state_dict(model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Tensor]:
+    """The moefold model's state dict on the meta device: every name, shape and dtype."""
     with torch.device("meta"):
-        skeleton = Transformer(model, moe)
-    return {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+        return Transformer(model, moe).state_dict()
+
+
+def expected_shapes(model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every state-dict tensor of the moefold model."""
+    return {name: tensor.shape for name, tensor in meta_state_dict(model, moe).items()}
 
 
 def _read_experts(folder: SafetensorsFolder, name: str, family: str, num_experts: int):
@@ -448,19 +453,11 @@ def save_model_checkpoint(
     the saved config gets data.tokenizer pointing there, plus fine-tuning defaults
     (`finetune_job`): training, generate and export then use the model's own tokenizer.
 
-    The stream is gathered once (the model is in memory once), then written all or nothing
-    (output_dir.py).
+    The stream is written as it comes (stream_save.py: about one tensor in memory at a time,
+    never the model), all or nothing (output_dir.py).
     """
     out = Path(out)
     check_output_dir(out, "checkpoint")
-    expected = expected_shapes(job.model, job.moe)
-    state = dict(tensors)
-    if set(state) != set(expected):
-        raise ValueError(
-            f"the stream does not match the model: missing "
-            f"{sorted(set(expected) - set(state))[:5]}, extra "
-            f"{sorted(set(state) - set(expected))[:5]}"
-        )
     trainer_state = {
         "step": 0,
         "converted_from": source,
@@ -468,7 +465,7 @@ def save_model_checkpoint(
     }
     with atomic_output_dir(out, "checkpoint") as tmp:
         with _single_process_dcp():
-            dcp.save({"model": state}, checkpoint_id=str(tmp), no_dist=True)
+            save_streamed(tensors, meta_state_dict(job.model, job.moe), tmp)
         if tokenizer_from is not None and copy_tokenizer_files(tokenizer_from, tmp / "tokenizer"):
             job = finetune_job(job, out.resolve() / "tokenizer")
         (tmp / CONFIG_FILE).write_text(job_to_toml(job))
