@@ -254,17 +254,20 @@ class ReplicatedAdamW:
 def _bind_param_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
     """One buffer of `numel` elements holding the parameters' values back to back (zero
     padding after them); each parameter's data becomes a view of its run, so an all-gather
-    into the buffer updates them all in place."""
+    into the buffer updates them all in place. The buffer is filled one parameter at a time
+    as each old storage is released, so building it holds about one copy of the parameters,
+    not two (start-up memory stays the shard)."""
     dtypes = {p.dtype for p in params}
     if len(dtypes) != 1:
         raise ValueError(f"one parameter buffer holds one dtype, got {sorted(map(str, dtypes))}")
-    buffer = torch.zeros(numel, dtype=dtypes.pop(), device=params[0].device)
+    buffer = torch.empty(numel, dtype=dtypes.pop(), device=params[0].device)
     offset = 0
     for param in params:
         view = buffer[offset : offset + param.numel()]
         view.copy_(param.detach().reshape(-1))
         param.data = view.view_as(param)
         offset += param.numel()
+    buffer[offset:].zero_()
     return buffer
 
 
