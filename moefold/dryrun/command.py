@@ -14,7 +14,7 @@ import sys
 import time
 
 from moefold.config import ConfigError, check_job, load_job
-from moefold.dryrun.planner import PlannerMemory
+from moefold.dryrun.planner import PlannerFigures
 from moefold.dryrun.routing import RoutingOverride, parse_routing
 from moefold.dryrun.shards import distinct_shard_total, parse_ranks
 from moefold.model.size import count_parameters
@@ -77,7 +77,7 @@ def dry_run_document(args: argparse.Namespace) -> dict:
     check_dry_run(job, args.world_size)
     skew = parse_routing(args.routing)
     ranks = parse_ranks(args.ranks, job, args.world_size)
-    planner = PlannerMemory(job, args.world_size, args.gpu)
+    planner = PlannerFigures(job, args.world_size, args.gpu)
     routing = RoutingOverride(skew)
     rows = []
     for rank in ranks:
@@ -90,7 +90,8 @@ def dry_run_document(args: argparse.Namespace) -> dict:
                 "param_count": result.param_count,
                 "memory_bytes": result.memory_bytes,
                 "comm_bytes": {k: v for k, v in result.comm_bytes.items() if v},
-                "plan_memory_bytes": planner.rank(result.pp_rank),
+                "plan_memory_bytes": planner.memory(result.pp_rank),
+                "plan_comm_bytes": planner.comm(result.pp_rank),
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
@@ -123,9 +124,13 @@ def format_table(doc: dict) -> str:
         cells = " ".join(f"{_gib(mem[k])} /{_gib(plan[k])}" for k in MEMORY_KEYS)
         lines.append(f"{row['rank']:>5} {row['pp_rank']:>3} {row['param_count']:>14,} {cells}")
     lines.append("")
-    lines.append("bytes sent per step (GiB):")
+    lines.append("bytes sent per step (GiB), dry run / planner:")
     for row in doc["ranks"]:
-        comm = ", ".join(f"{k} {_gib(v).strip()}" for k, v in row["comm_bytes"].items())
+        sent, plan = row["comm_bytes"], row["plan_comm_bytes"]
+        families = dict.fromkeys([*sent, *plan])  # CommStats' order, then the planner's
+        comm = ", ".join(
+            f"{f} {_gib(sent.get(f, 0)).strip()} / {_gib(plan.get(f, 0)).strip()}" for f in families
+        )
         lines.append(f"  rank {row['rank']}: {comm}")
     shards = doc["distinct_shards"]
     same = "equal" if shards["params"] == doc["model_params"] else "DIFFERENT"

@@ -1,5 +1,6 @@
-"""The planner's memory figures (moefold/plan/memory.py) for the layout a dry run builds, in
-the dry run's row keys, so each measured rank can be printed beside its prediction."""
+"""The planner's figures for the layout a dry run builds (memory: moefold/plan/memory.py;
+bytes sent per family: moefold/plan/cost.py), in the dry run's row keys, so each measured rank
+can be printed beside its prediction."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def candidate_of(job: JobConfig, world_size: int) -> Candidate:
     )
 
 
-class PlannerMemory:
+class PlannerFigures:
     """Planner bytes per pipeline rank for one job and world size; `device` only sets the
-    allocator and runtime overheads (reported apart, under "allocator_and_runtime")."""
+    allocator and runtime overheads (left out of `memory`, which counts the tensors)."""
 
     def __init__(self, job: JobConfig, world_size: int, device: str = "h100") -> None:
         train = job.train
@@ -50,7 +51,7 @@ class PlannerMemory:
         self.topology = topology(world_size, c.tp, c.cp, c.pp, c.ep, c.etp, True, 8)
         self.model = CostModel(workload, self.device)
 
-    def rank(self, pp_rank: int) -> dict[str, int]:
+    def memory(self, pp_rank: int) -> dict[str, int]:
         mem = self.model.memory(self.candidate, self.topology, pp_rank)
         overhead = 1 + self.device.allocator_overhead
         activations = mem["activations"] / overhead  # the tensors themselves, as measured
@@ -63,3 +64,12 @@ class PlannerMemory:
         rounded = {key: int(round(value)) for key, value in row.items()}
         rounded["total"] = sum(rounded.values())
         return rounded
+
+    def comm(self, pp_rank: int) -> dict[str, int]:
+        """Bytes pipeline rank `pp_rank` sends per step, per family (CommStats' families)."""
+        c, model = self.candidate, self.model
+        rank_cost = model.rank(c, self.topology, pp_rank)
+        micro_batches = model.w.global_batch // (c.dp * c.micro_batch)
+        sent = {f: micro_batches * rank_cost.cost.sent[f] for f in ("tp", "cp", "ep", "etp", "pp")}
+        sent.update(model.data_parallel(c, self.topology, rank_cost)[1])
+        return {family: int(round(value)) for family, value in sent.items() if value}

@@ -82,6 +82,7 @@ class Topology:
     tp: GroupSpan
     cp: GroupSpan
     dp: GroupSpan  # dense gradients: dp x cp
+    dp_tp: GroupSpan  # gradients of weights whole on every tp rank (moefold): dp x cp x tp
     ep: GroupSpan
     etp: GroupSpan
     edp: GroupSpan
@@ -341,15 +342,18 @@ def _attention(x: _Layer) -> LayerCost:
     return x.finish(cost, OPS_ATTENTION)
 
 
-def _mlp(x: _Layer, ffn: int, ops: int) -> LayerCost:
-    """A tp-sharded SwiGLU MLP (the dense MLP or the shared expert) with its norm input."""
+def _mlp(x: _Layer, ffn: int, ops: int, whole: bool = False) -> LayerCost:
+    """A SwiGLU MLP (the dense MLP or the shared expert) with its norm input: tp-sharded
+    behind a sequence-parallel gather, or `whole` on every tp rank over its own tokens (the
+    same FLOPs and saved bytes, no tp traffic: moefold's shared expert)."""
     hidden, tp = x.w.model.hidden, x.c.tp
     cost = LayerCost(activations=x.bytes * x.t * hidden)  # the norm's input
     cost.activations += x.w.norm_extra_bytes() * x.t * hidden
     if ffn:
         cost.compute = x.gemms([(x.q, 2 * ffn / tp, hidden), (x.q, hidden, ffn / tp)])
         cost.activations += x.bytes * (x.t * hidden + x.q * x.w.swiglu_saves * ffn / tp)
-        x.tp_region(cost)
+        if not whole:
+            x.tp_region(cost)
     return x.finish(cost, ops)
 
 
@@ -412,17 +416,21 @@ def layer_costs(
     if not w.moe.enabled:
         return dense, dense
     shared_ops = OPS_DENSE_MLP if w.moe.shared_ffn_hidden else 0
-    moe = attention.add(_mlp(x, w.moe.shared_ffn_hidden, shared_ops)).add(_routed(x))
+    whole = "shared_expert" in w.tp_replicated
+    moe = attention.add(_mlp(x, w.moe.shared_ffn_hidden, shared_ops, whole)).add(_routed(x))
     return dense, moe
 
 
 def head_cost(w: Workload, c: Candidate, topo: Topology, device: Device) -> LayerCost:
-    """Final norm, vocab-parallel LM head and the loss, on the last pipeline stage."""
+    """Final norm, LM head and the loss, on the last pipeline stage: vocab-parallel behind a
+    sequence-parallel gather (Megatron), or whole on every tp rank over its own tokens
+    (moefold, "tables" in `tp_replicated`: the same FLOPs, no tp traffic)."""
     x = _Layer(w, c, topo, device)
     cost = LayerCost()
     cost.compute = 3 * gemm_time(x.q, w.model.vocab_size / c.tp, w.model.hidden, device)
     cost.activations = x.bytes * x.t * w.model.hidden + logits_bytes(w, c)
-    x.tp_region(cost)
+    if "tables" not in w.tp_replicated:
+        x.tp_region(cost)
     return x.finish(cost, OPS_HEAD)
 
 
@@ -517,12 +525,14 @@ class CostModel:
         num_dense, num_moe = self.rank_layers(c.pp, c.vpp)[rank]
         last = rank == c.pp - 1
         cost, exposed, time = self._sum(c, topo, num_dense, num_moe, last)
-        if c.pp > 1:  # each virtual stage sends its output on and receives a gradient back
+        if c.pp > 1:  # each virtual stage sends its output on and its input gradient back
             tokens = c.micro_batch * w.seq_len / (c.cp * c.tp)
+            # but the very first stage has no gradient to send and the very last no output
+            sends = 2 * c.vpp - (rank == 0) - last
             # with MTP the first stage's embeddings of the D shifted tokens travel alongside
-            p2p = 2 * c.vpp * w.act_bytes * tokens * w.model.hidden * (1 + w.model.mtp_depths)
+            p2p = sends * w.act_bytes * tokens * w.model.hidden * (1 + w.model.mtp_depths)
             span = GroupSpan(2, topo.pp.nodes, topo.pp.off_node, 1)
-            p2p_time = collective_time(p2p, span, device, 2 * c.vpp)
+            p2p_time = collective_time(p2p, span, device, sends)
             cost = cost.with_pp(p2p, p2p_time)
             # interleaved schedules overlap a chunk's transfers with the next chunk's compute
             exposed = {**exposed, "pp": 0.0 if device.overlap and c.vpp > 1 else p2p_time}
@@ -604,22 +614,30 @@ class CostModel:
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Exposed seconds and bytes sent per step of the dense (dp) and expert (edp) grads."""
         weight, grad, _ = param_bytes(self.w.dtype)
-        reduce_time, gather_time, sent, quantise = {}, {}, {}, {}
-        for family, count in (("dp", rc.params.dense), ("edp", rc.params.expert)):
-            span = getattr(topo, family)
+        reduce_time = dict.fromkeys(("dp", "edp"), 0.0)
+        gather_time, sent, quantise = dict(reduce_time), dict(reduce_time), dict(reduce_time)
+        # weights whole on every tp rank reduce over dp x cp x tp (their count is 0 in
+        # Megatron's layout); both dense groups are counted under "dp", as CommStats does
+        groups = (
+            ("dp", topo.dp, rc.params.dense - rc.params.tp_replicated),
+            ("dp", topo.dp_tp, rc.params.tp_replicated),
+            ("edp", topo.edp, rc.params.expert),
+        )
+        for family, span, count in groups:
             share = (span.size - 1) / span.size
             weights = share * count * weight if c.distributed_optimizer else 0.0
-            quantise[family] = 0.0
             if self.w.grad_compression == "bytegrad" and span.size > 1:
-                grads, reduce_time[family], quantise[family] = self._bytegrad(c, span, count)
+                grads, seconds, quantised = self._bytegrad(c, span, count)
+                reduce_time[family] += seconds
+                quantise[family] += quantised
             elif c.distributed_optimizer:  # reduce-scatter grads, all-gather updated weights
                 grads = share * count * grad
-                reduce_time[family] = collective_time(grads, span, self.device, 1)
+                reduce_time[family] += collective_time(grads, span, self.device, 1)
             else:  # all-reduce grads
                 grads = 2 * share * count * grad
-                reduce_time[family] = collective_time(grads, span, self.device, 1)
-            gather_time[family] = collective_time(weights, span, self.device, 1)
-            sent[family] = grads + weights
+                reduce_time[family] += collective_time(grads, span, self.device, 1)
+            gather_time[family] += collective_time(weights, span, self.device, 1)
+            sent[family] += grads + weights
         exposed = {f: reduce_time[f] + gather_time[f] for f in ("dp", "edp")}
         if self.device.overlap:  # behind the last micro-batch's backward, the first's forward
             hidden = min(sum(reduce_time.values()), rc.cost.compute * 2 / 3)

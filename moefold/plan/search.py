@@ -161,7 +161,7 @@ def _rank_tensor(layout: ParallelLayout, view: View) -> np.ndarray:
 
 @lru_cache(maxsize=4096)
 def _dense_spans(world_size: int, tp: int, cp: int, pp: int, nodes_of: int) -> tuple:
-    """(tp, cp, dp x cp, pp) spans of the dense view (pp, dp, cp, tp)."""
+    """(tp, cp, dp x cp, dp x cp x tp, pp) spans of the dense view (pp, dp, cp, tp)."""
     dense = _rank_tensor(ParallelLayout.build(world_size, tp=tp, cp=cp, pp=pp), "dense")
     nodes = dense // nodes_of
     crossing = float(np.mean(nodes[1:] != nodes[:-1])) if pp > 1 else 0.0
@@ -170,6 +170,7 @@ def _dense_spans(world_size: int, tp: int, cp: int, pp: int, nodes_of: int) -> t
         _span(_groups(dense, (3,)), nodes_of),
         _span(_groups(dense, (2,)), nodes_of),
         _span(_groups(dense, (1, 2)), nodes_of),
+        _span(_groups(dense, (1, 2, 3)), nodes_of),
         pp_span,
     )
 
@@ -200,14 +201,21 @@ def topology(
     world_size: int, tp: int, cp: int, pp: int, ep: int, etp: int, folded: bool, nodes_of: int
 ) -> Topology:
     """Node placement of every family, read off ParallelLayout's rank tensors."""
-    tp_span, cp_span, dp_span, pp_span = _dense_spans(world_size, tp, cp, pp, nodes_of)
+    tp_span, cp_span, dp_span, dp_tp_span, pp_span = _dense_spans(world_size, tp, cp, pp, nodes_of)
     if folded:
         ep_span, etp_span, edp_span = _expert_spans(world_size, pp, ep, etp, nodes_of)
     else:
         assert etp == tp, "before folding etp is tp"
         ep_span, etp_span, edp_span = _pre_folding_spans(world_size, tp, cp, pp, ep, nodes_of)
     return Topology(
-        tp=tp_span, cp=cp_span, dp=dp_span, ep=ep_span, etp=etp_span, edp=edp_span, pp=pp_span
+        tp=tp_span,
+        cp=cp_span,
+        dp=dp_span,
+        dp_tp=dp_tp_span,
+        ep=ep_span,
+        etp=etp_span,
+        edp=edp_span,
+        pp=pp_span,
     )
 
 

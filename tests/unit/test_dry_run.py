@@ -127,7 +127,7 @@ def test_planner_parameters_match_the_built_shards(rank):
     """At tp = 1 the planner's parameters are what moefold builds (with tp > 1 the planner
     counts Megatron's vocab-parallel tables and tp-sharded shared expert; moefold replicates
     them): in fp32 its weight bytes equal the dry run's exactly, first and last stage."""
-    from moefold.dryrun.planner import PlannerMemory
+    from moefold.dryrun.planner import PlannerFigures
 
     overrides = [
         "parallel.pp=2",
@@ -138,7 +138,7 @@ def test_planner_parameters_match_the_built_shards(rank):
     ]
     job = load_job("tiny-moe", overrides)
     row = run_rank(job, 4, rank, RoutingOverride())
-    plan = PlannerMemory(job, 4).rank(row.pp_rank)
+    plan = PlannerFigures(job, 4).memory(row.pp_rank)
     assert plan["params"] == row.memory_bytes["params"] == 4 * row.param_count
 
 
@@ -146,14 +146,33 @@ def test_planner_counts_the_mtp_depths_on_the_last_stage():
     """tiny-deepseek with one multi-token prediction depth on pp2 tp2 ep4: the depth's block,
     eh_proj and norms live on the last stage, and the planner's parameter bytes there equal
     what the dry run builds (gradients and optimizer state within 1e-4)."""
-    from moefold.dryrun.planner import PlannerMemory
+    from moefold.dryrun.planner import PlannerFigures
 
     layout = ["parallel.pp=2", "parallel.tp=2", "parallel.ep=4"]
     job = load_job("tiny-deepseek", [*layout, "model.mtp_depths=1"])
     row = run_rank(job, 8, 4, RoutingOverride())
-    plan = PlannerMemory(job, 8).rank(row.pp_rank)
+    plan = PlannerFigures(job, 8).memory(row.pp_rank)
     assert plan["params"] == row.memory_bytes["params"]
     for kind in ("grads", "optimizer"):
         assert plan[kind] == pytest.approx(row.memory_bytes[kind], rel=1e-4), kind
-    without = PlannerMemory(load_job("tiny-deepseek", [*layout, "model.mtp_depths=0"]), 8)
-    assert without.rank(row.pp_rank)["params"] < plan["params"]
+    without = PlannerFigures(load_job("tiny-deepseek", [*layout, "model.mtp_depths=0"]), 8)
+    assert without.memory(row.pp_rank)["params"] < plan["params"]
+
+
+@pytest.mark.parametrize("rank", [0, 7])
+def test_planner_predicts_the_bytes_each_family_sends(rank):
+    """Per family, the planner's bytes sent per step equal what the real step counts on the
+    first and the last pipeline stage (pp sends one direction at either end; moefold's head,
+    whole on every tp rank, sends nothing over tp; the replicated family spans dp x cp x tp).
+    ep within 2%: the dispatcher's count exchange is not modelled."""
+    from moefold.dryrun.planner import PlannerFigures
+
+    layout = ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "moe.shared_ffn_hidden=64"]
+    job = load_job("tiny-moe", [*layout, "train.dtype=bf16", "parallel.distributed_optimizer=true"])
+    row = run_rank(job, 8, rank, RoutingOverride())
+    measured = {family: sent for family, sent in row.comm_bytes.items() if sent}
+    planned = PlannerFigures(job, 8).comm(row.pp_rank)
+    assert measured.keys() == planned.keys() == {"tp", "dp", "ep", "edp", "pp"}
+    for family, sent in measured.items():
+        tolerance = 0.02 if family == "ep" else 1e-3
+        assert sent == pytest.approx(planned[family], rel=tolerance), family

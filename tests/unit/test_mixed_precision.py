@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moefold.config import load_job
-from moefold.dryrun.planner import PlannerMemory
+from moefold.dryrun.planner import PlannerFigures
 from moefold.dryrun.routing import RoutingOverride
 from moefold.dryrun.step import run_rank
 from moefold.parallel.mixed_precision import accumulate_in_fp32, grad_of
@@ -68,7 +68,7 @@ def test_planner_predicts_the_moefold_tp_layout():
     ]
     job = load_job("tiny-moe", [*BF16, *overrides])
     row = run_rank(job, 8, 0, RoutingOverride())
-    plan = PlannerMemory(job, 8).rank(row.pp_rank)
+    plan = PlannerFigures(job, 8).memory(row.pp_rank)
     assert plan["params"] == row.memory_bytes["params"]
     assert plan["optimizer"] == pytest.approx(row.memory_bytes["optimizer"], rel=1e-4)
     assert plan["grads"] == pytest.approx(row.memory_bytes["grads"], rel=1e-4)
