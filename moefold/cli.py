@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors a command reports in one line (no traceback): (kind, label, exit status).
+FAILURES = (
+    (ConfigError, "config error", 2),
+    (CheckpointError, "checkpoint error", 2),
+    (RunFolderError, "run folder error", 2),
+    (NonFiniteError, "training stopped", 3),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -113,18 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("convert", "upcycle", "plan", "prune", "report", "tokenize", "dry-run"):
             return args.run(args)
-    except ConfigError as error:
-        print(f"moefold: config error: {error}", file=sys.stderr)
-        return 2
-    except CheckpointError as error:
-        print(f"moefold: checkpoint error: {error}", file=sys.stderr)
-        return 2
-    except RunFolderError as error:
-        print(f"moefold: run folder error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteError as error:
-        print(f"moefold: training stopped: {error}", file=sys.stderr)
-        return 3
+    except tuple(kind for kind, _, _ in FAILURES) as error:
+        label, status = next((lab, st) for kind, lab, st in FAILURES if isinstance(error, kind))
+        print(f"moefold: {label}: {error}", file=sys.stderr)
+        return status
     return 1
 
 

@@ -38,7 +38,7 @@ def tokenize_files(paths: list[str], tokenizer_path: str, out: Path) -> tuple[in
     """Write the token file; returns (documents, tokens)."""
     if out.suffix != ".npy":
         raise ConfigError(f"--out: {out} must end in .npy (data.source=tokens reads .npy/.bin)")
-    tokenizer = load_pretrained_tokenizer(tokenizer_path)
+    tokenizer = load_pretrained_tokenizer(tokenizer_path, field="--tokenizer")
     files = [f for path in paths for f in resolve_files(path, (".txt",))]
     docs = read_documents(files)
     ids = encode_documents(tokenizer, docs, stream_dtype(tokenizer.vocab_size))

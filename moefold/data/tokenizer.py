@@ -84,13 +84,16 @@ def pretrained_tokenizer_file(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def load_pretrained_tokenizer(path: str | os.PathLike) -> TextTokenizer:
+def load_pretrained_tokenizer(
+    path: str | os.PathLike, field: str = "data.tokenizer"
+) -> TextTokenizer:
     """A model's own tokenizer (tokenizer.json, with tokenizer_config.json's eos_token as the
-    document separator), loaded with the `tokenizers` library."""
+    document separator), loaded with the `tokenizers` library; errors name `field` (the
+    config field or CLI flag that gave `path`)."""
     file = pretrained_tokenizer_file(path)
     if file is None:
         raise ConfigError(
-            f"data.tokenizer: {path} has no tokenizer.json; pass a Hugging Face model folder or "
+            f"{field}: {path} has no tokenizer.json; pass a Hugging Face model folder or "
             "a checkpoint made by `moefold convert --from-hf` (it keeps CKPT/tokenizer/)"
         )
     tokenizer = TextTokenizer(Tokenizer.from_file(str(file)))
@@ -105,7 +108,7 @@ def load_pretrained_tokenizer(path: str | os.PathLike) -> TextTokenizer:
             tokenizer.eot_id = tokenizer.hf.token_to_id(name)
             return tokenizer
     raise ConfigError(
-        f"data.tokenizer: {file} has no end-of-text token (tokenizer_config.json eos_token, or "
+        f"{field}: {file} has no end-of-text token (tokenizer_config.json eos_token, or "
         f"one of {', '.join(_EOS_NAMES)}) to separate documents"
     )
 

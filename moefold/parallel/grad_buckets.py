@@ -65,8 +65,28 @@ def plan_buckets(nbytes: list[int], keys: list[Hashable], cap_bytes: float) -> l
     return closed + list(open_buckets.values())
 
 
-def _stats_family(group_name: str) -> str:
+def stats_family(group_name: str) -> str:
+    """The CommStats family a reduction group's traffic counts under."""
     return "edp" if group_name == "edp" else "dp"
+
+
+def one_dtype(dtypes: set[torch.dtype], what: str) -> torch.dtype:
+    if len(dtypes) != 1:
+        raise ValueError(f"one {what} buffer holds one dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def runs_of(buffer: torch.Tensor, params: list[nn.Parameter]):
+    """Each parameter with its run of `buffer` (back to back, in order), shaped like it."""
+    offset = 0
+    for param in params:
+        yield param, buffer[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+
+
+def rank_slice(flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s 1/size of a flat buffer padded to a multiple of `size` (a view)."""
+    return flat.view(size, -1)[rank]
 
 
 def bind_grad_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
@@ -76,14 +96,10 @@ def bind_grad_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
     `main_grad`), so the bucket's collective runs on it with no flat copy. Megatron-Core's
     contiguous gradient buffer; written here because DDP's `gradient_as_bucket_view` is tied
     to its own all-reduce and cannot reduce-scatter (ZeRO-1) or reduce over our families."""
-    dtypes = {grad_dtype(p) for p in params}
-    if len(dtypes) != 1:
-        raise ValueError(f"one gradient buffer holds one dtype, got {sorted(map(str, dtypes))}")
-    buffer = torch.zeros(numel, dtype=dtypes.pop(), device=params[0].device)
-    offset = 0
-    for param in params:
-        set_grad(param, buffer[offset : offset + param.numel()].view_as(param))
-        offset += param.numel()
+    dtype = one_dtype({grad_dtype(p) for p in params}, "gradient")
+    buffer = torch.zeros(numel, dtype=dtype, device=params[0].device)
+    for param, run in runs_of(buffer, params):
+        set_grad(param, run)
     return buffer
 
 
@@ -99,7 +115,7 @@ class AllReduceBucket:
         groups: ParallelGroups,
         compressor=None,
     ):
-        self.params, self.family = params, _stats_family(group_name)
+        self.params, self.family = params, stats_family(group_name)
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.stats, self.compressor = groups.comm_stats, compressor
         self.grad_data = bind_grad_buffer(params, sum(p.numel() for p in params))
@@ -135,18 +151,15 @@ class ReduceScatterBucket:
         shard_numel: int,
         compressor=None,
     ):
-        self.params, self.family = params, _stats_family(group_name)
+        self.params, self.family = params, stats_family(group_name)
         self.group, self.size = groups.group(group_name), groups.size(group_name)
         self.stats, self.compressor = groups.comm_stats, compressor
         self.grad_data = bind_grad_buffer(params, shard_numel * self.size)
-        rank = dist.get_rank(self.group)
-        self.local = self.grad_data[rank * shard_numel : (rank + 1) * shard_numel]
+        self.local = rank_slice(self.grad_data, dist.get_rank(self.group), self.size)
         self.work = self.pending = None
 
     def launch(self) -> None:
         # fp32, or bf16 with train.grad_reduce_dtype = "bf16" (the optimizer upcasts `local`)
-        if self.size == 1:
-            return
         if self.compressor is not None:
             self.pending = self.compressor.start(self.grad_data.float())
             return

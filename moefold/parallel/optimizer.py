@@ -59,8 +59,12 @@ from moefold.parallel.grad_buckets import (
     AllReduceBucket,
     GradReducer,
     ReduceScatterBucket,
+    one_dtype,
     padded_flat,
     plan_buckets,
+    rank_slice,
+    runs_of,
+    stats_family,
 )
 from moefold.parallel.mesh import ParallelGroups
 from moefold.parallel.mixed_precision import accumulate_in_fp32, grad_of, set_grad
@@ -196,6 +200,14 @@ class ReplicatedAdamW:
                 set_grad(param, None)
                 param.grad = None
 
+    def reduced_gradients(self) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient after reduce_gradients (zeros where none arrived)."""
+        out = {}
+        for name, param in self.named:
+            grad = grad_of(param)
+            out[name] = torch.zeros_like(param) if grad is None else grad
+        return out
+
     def main_params(self) -> list[torch.Tensor]:
         """The fp32 main parameters of bf16 ones (fp32 parameters are stepped in place)."""
         return list(self.masters.values())
@@ -257,17 +269,12 @@ def _bind_param_buffer(params: list[nn.Parameter], numel: int) -> torch.Tensor:
     into the buffer updates them all in place. The buffer is filled one parameter at a time
     as each old storage is released, so building it holds about one copy of the parameters,
     not two (start-up memory stays the shard)."""
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1:
-        raise ValueError(f"one parameter buffer holds one dtype, got {sorted(map(str, dtypes))}")
-    buffer = torch.empty(numel, dtype=dtypes.pop(), device=params[0].device)
-    offset = 0
-    for param in params:
-        view = buffer[offset : offset + param.numel()]
-        view.copy_(param.detach().reshape(-1))
-        param.data = view.view_as(param)
-        offset += param.numel()
-    buffer[offset:].zero_()
+    dtype = one_dtype({p.dtype for p in params}, "parameter")
+    buffer = torch.empty(numel, dtype=dtype, device=params[0].device)
+    for param, run in runs_of(buffer, params):
+        run.copy_(param.detach())
+        param.data = run
+    buffer[sum(p.numel() for p in params) :].zero_()
     return buffer
 
 
@@ -307,7 +314,7 @@ class _FlatShard:
         for bucket, shard in zip(self.buckets, self.shard_numels):
             params = [named[i][1] for i in bucket]
             data = _bind_param_buffer(params, shard * self.size)
-            local = data[self.rank * shard : (self.rank + 1) * shard]
+            local = rank_slice(data, self.rank, self.size)
             self.param_data.append(data)
             self.param_local.append(local)
             self.masters.append(nn.Parameter(local if self.aliased else local.float()))
@@ -323,18 +330,15 @@ class _FlatShard:
         pieces = []
         for bucket, shard in zip(self.buckets, self.shard_numels):
             flat = padded_flat([tensors[i] for i in bucket], shard * self.size)
-            pieces.append(flat[self.rank * shard : (self.rank + 1) * shard])
+            pieces.append(rank_slice(flat, self.rank, self.size))
         return pieces
 
     def full(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every rank's `local_slice` gathered back into per-parameter tensors (collective;
         for checkpoints: a transient full copy)."""
         local_flat = torch.cat([t.reshape(-1) for t in local])
-        if self.size > 1:
-            gathered = local_flat.new_empty(self.size * self.shard_numel)
-            dist.all_gather_single(gathered, local_flat, group=self.group)
-        else:
-            gathered = local_flat
+        gathered = local_flat.new_empty(self.size * self.shard_numel)
+        dist.all_gather_single(gathered, local_flat, group=self.group)
         rows = gathered.view(self.size, self.shard_numel)
         out: list[torch.Tensor] = [torch.empty(0)] * len(self.named)
         first = 0
@@ -362,10 +366,9 @@ class _FlatShard:
         for master, data, local in zip(self.masters, self.param_data, self.param_local):
             if not self.aliased:
                 local.copy_(master)  # rounded to the parameters' dtype
-            if self.size > 1:
-                family = "edp" if self.group_name == "edp" else "dp"
-                stats.add(family, (self.size - 1) * local.numel() * local.element_size())
-                dist.all_gather_single(data, local, group=self.group)
+            family = stats_family(self.group_name)
+            stats.add(family, (self.size - 1) * local.numel() * local.element_size())
+            dist.all_gather_single(data, local, group=self.group)
 
 
 class ShardedAdamW:
@@ -454,6 +457,15 @@ class ShardedAdamW:
         gradients stay views of them)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.reducer.zero_grad()
+
+    def reduced_gradients(self) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient after reduce_gradients, gathered whole from the reduced
+        slices (collective over every family's group; a transient full copy, for tests)."""
+        out = {}
+        for shard, _ in self.shards:
+            for (name, _), grad in zip(shard.named, shard.full(shard.master_grads())):
+                out[name] = grad
+        return out
 
     def main_params(self) -> list[torch.Tensor]:
         """The fp32 master slices this optimizer holds apart from the parameters (bf16)."""

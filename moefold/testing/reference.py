@@ -18,7 +18,6 @@ from moefold.config import JobConfig
 from moefold.parallel.data_parallel import parameter_shards
 from moefold.parallel.layout import ParallelLayout
 from moefold.parallel.mesh import ParallelGroups, build_parallel_groups
-from moefold.parallel.mixed_precision import grad_of
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
@@ -36,15 +35,14 @@ def gather_full(tensor: torch.Tensor, shards, groups: ParallelGroups) -> torch.T
     return tensor
 
 
-def full_state(model: nn.Module, groups: ParallelGroups, grads: bool) -> dict[str, torch.Tensor]:
-    """Every parameter (or its gradient) as the full single-process tensor, on every rank of
-    the stage. Collective over the shard groups."""
+def full_state(
+    model: nn.Module, groups: ParallelGroups, local: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every parameter's `local` tensor (its value or gradient, as this rank holds it) as the
+    full single-process tensor, on every rank of the stage. Collective over the shard groups."""
     out = {}
     for name, param in model.named_parameters():
-        value = grad_of(param) if grads else param.detach()
-        if value is None:
-            value = torch.zeros_like(param)
-        out[name] = gather_full(value.detach(), parameter_shards(param), groups).clone()
+        out[name] = gather_full(local[name].detach(), parameter_shards(param), groups).clone()
     if groups.size("pp") > 1:  # pipeline stages hold disjoint parameters: merge them
         parts: list = [None] * groups.size("pp")
         dist.all_gather_object(parts, out, group=groups.group("pp"))
@@ -66,12 +64,13 @@ def run_steps(job: JobConfig, groups: ParallelGroups, steps: int) -> dict:
     for step in range(steps):
         local_loss = trainer.compute_gradients()
         if step == 0:
-            grads = full_state(trainer.model, groups, grads=True)
+            grads = full_state(trainer.model, groups, trainer.optimizer.reduced_gradients())
         grad_norm = trainer.apply_gradients()
         row = trainer.step_metrics(local_loss, grad_norm, 0.0)
         losses.append(row["loss"])
         grad_norms.append(row["grad_norm"])
-    params = full_state(trainer.model, groups, grads=False)
+    values = {name: param.detach() for name, param in trainer.model.named_parameters()}
+    params = full_state(trainer.model, groups, values)
     return {
         "losses": losses,
         "grad_norms": grad_norms,

@@ -21,7 +21,7 @@ def test_distributed_optimizer_matches_single_process(layout):
     result = run_ranks(
         layout_body, world_size, (), {**parallel, "distributed_optimizer": "true"}, timeout=900
     )[0]
-    assert_matches(result, reference(()), check_grads=False)
+    assert_matches(result, reference(()))
 
 
 @pytest.mark.dist
