@@ -23,8 +23,6 @@ class DistributedStatsComm:
         self.groups = groups
 
     def token_group_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups.size("tp_cp") == 1:
-            return x
         family = "tp" if self.groups.size("tp") > 1 else "cp"
         return all_reduce_sum_(
             x.detach().clone(),
@@ -35,8 +33,6 @@ class DistributedStatsComm:
 
     def global_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dp_size = self.groups.size("dp")
-        if dp_size == 1:
-            return x, x
         flat = all_gather_blocks(
             x.detach().contiguous().flatten(),
             self.groups.group("dp"),
